@@ -1,0 +1,3 @@
+from macnat.cli import main
+
+main()

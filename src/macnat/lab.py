@@ -1,0 +1,282 @@
+"""The emulated Wi-Fi LAN: network namespaces that behave like a laptop on a Wi-Fi access point.
+
+    mnlab-router  192.168.77.1, dnsmasq        mnlab-lanhost  192.168.77.20
+        eth0                                       eth0
+         |                                          |
+      p-router ------------- apbr ------------- p-lanhost           mnlab-ap: the access point
+                               |
+                              air        nftables: what a 3-address AP does to a station
+                               |
+        mnlab-laptop:        wlan0  192.168.77.10 (the station)
+                             vmbr0  (bridge) --- tap101 --- eth0  mnlab-vm1  (isc dhclient)
+                                             --- tap102 --- eth0  mnlab-vm2  (isc dhclient)
+
+The "air" port models a 3-address association: from the station the AP accepts only frames whose
+source MAC is the associated station's (mac80211 puts the Ethernet source into the transmitter
+address, and an AP drops frames from transmitters that are not associated); towards the station it
+delivers unicast only when addressed to the station (group frames always). Each rule counts what it
+drops. With the filter off the AP behaves like a 4-address (WDS) AP, where plain bridging works.
+`mcast_to_ucast` models APs that deliver group frames as unicast to the station's MAC.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from macnat.errors import MacnatError
+from macnat.netns import Namespace, names
+
+PREFIX = "mnlab-"
+STATE_DIR = Path("/run/macnat-lab")
+SUBNET_PREFIXLEN = 24
+GATEWAY = "192.168.77.1"
+DHCP_RANGE = ("192.168.77.100", "192.168.77.199")
+IPV6_PREFIX = "fd77:77::"
+AP_TABLE = "mnlab_ap"
+DHCP_TIMEOUT = 8
+
+
+@dataclass(frozen=True)
+class Host:
+    ns: Namespace
+    ifname: str
+    mac: str
+    ip: str | None  # static address; None for the VMs, which use DHCP
+
+
+AP = Namespace(PREFIX + "ap")
+ROUTER = Host(Namespace(PREFIX + "router"), "eth0", "02:4d:4e:00:00:01", GATEWAY)
+LANHOST = Host(Namespace(PREFIX + "lanhost"), "eth0", "02:4d:4e:00:00:14", "192.168.77.20")
+LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", "192.168.77.10")
+BRIDGE = "vmbr0"
+BRIDGE_MAC = "02:4d:4e:00:00:b0"
+VMS = {
+    "vm1": Host(Namespace(PREFIX + "vm1"), "eth0", "52:54:00:00:01:01", None),
+    "vm2": Host(Namespace(PREFIX + "vm2"), "eth0", "52:54:00:00:01:02", None),
+}
+VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}
+
+
+@dataclass
+class Knobs:
+    ap_filter: bool = True
+    mcast_to_ucast: bool = False
+    ipv6: bool = False
+
+
+def namespaces() -> list[Namespace]:
+    return [AP, ROUTER.ns, LANHOST.ns, LAPTOP.ns, *(vm.ns for vm in VMS.values())]
+
+
+def _veth(ns_a: Namespace, if_a: str, ns_b: Namespace, if_b: str, mac_b: str | None = None) -> None:
+    ns_a.ip("link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b.name)
+    if mac_b:
+        ns_b.ip("link", "set", if_b, "address", mac_b)
+
+
+def _address(host: Host) -> None:
+    host.ns.ip("addr", "add", f"{host.ip}/{SUBNET_PREFIXLEN}", "dev", host.ifname)
+
+
+def up(knobs: Knobs | None = None) -> Knobs:
+    """Build the lab, replacing any lab already there."""
+    knobs = knobs or Knobs()
+    down()
+    STATE_DIR.mkdir(parents=True)
+    try:
+        _build(knobs)
+    except BaseException:
+        down()
+        raise
+    (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+    return knobs
+
+
+def _build(knobs: Knobs) -> None:
+    for ns in namespaces():
+        Namespace.create(ns.name)
+        # Quiet, deterministic IPv6: no router solicitations or DAD delays unless the lab serves IPv6.
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+
+    AP.ip("link", "add", "apbr", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+    for host, port in ((ROUTER, "p-router"), (LANHOST, "p-lanhost"), (LAPTOP, "air")):
+        _veth(AP, port, host.ns, host.ifname, host.mac)
+        AP.ip("link", "set", port, "master", "apbr", "up")
+    AP.ip("link", "set", "apbr", "up")
+    set_ap(knobs)
+
+    for host in (ROUTER, LANHOST, LAPTOP):
+        _address(host)
+        host.ns.ip("link", "set", host.ifname, "up")
+        if host is not ROUTER:
+            host.ns.ip("route", "add", "default", "via", GATEWAY)
+
+    LAPTOP.ns.ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+                 "forward_delay", "0", "stp_state", "0")
+    LAPTOP.ns.ip("link", "set", BRIDGE, "up")
+    for name, vm in VMS.items():
+        port = VM_PORTS[name]
+        _veth(LAPTOP.ns, port, vm.ns, vm.ifname, vm.mac)
+        LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
+        vm.ns.ip("link", "set", vm.ifname, "up")
+
+    _write_dhclient_files()
+    _start_dnsmasq(knobs)
+
+
+def _start_dnsmasq(knobs: Knobs) -> None:
+    if knobs.ipv6:
+        ROUTER.ns.ip("-6", "addr", "add", f"{IPV6_PREFIX}1/64", "dev", ROUTER.ifname, "nodad")
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+        f"--interface={ROUTER.ifname}", "--bind-interfaces", "--dhcp-authoritative", "--no-ping",
+        f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,1h",
+        f"--dhcp-option=option:router,{GATEWAY}",
+        f"--dhcp-leasefile={STATE_DIR / 'dnsmasq.leases'}", "--log-dhcp",
+        f"--pid-file={STATE_DIR / 'dnsmasq.pid'}",
+    ]
+    if knobs.ipv6:
+        argv += ["--enable-ra", f"--dhcp-range={IPV6_PREFIX}100,{IPV6_PREFIX}1ff,64,1h"]
+    ROUTER.ns.spawn(*argv, log=STATE_DIR / "dnsmasq.log")
+    deadline = time.monotonic() + 5
+    while not (STATE_DIR / "dnsmasq.pid").exists():
+        if time.monotonic() > deadline:
+            raise MacnatError(f"dnsmasq did not start in {ROUTER.ns.name}: see {STATE_DIR / 'dnsmasq.log'}")
+        time.sleep(0.02)
+
+
+# A dhclient-script of our own: it sets only address and route, so the lab never writes the
+# machine's /etc/resolv.conf. Exit 1 on TIMEOUT so dhclient never falls back to an old lease.
+DHCLIENT_SCRIPT = """#!/bin/sh
+case "$reason" in
+  PREINIT) ip link set dev "$interface" up ;;
+  BOUND|RENEW|REBIND|REBOOT)
+    if [ "$old_ip_address" != "$new_ip_address" ]; then ip -4 addr flush dev "$interface"; fi
+    ip addr replace "$new_ip_address/$new_subnet_mask" dev "$interface"
+    if [ -n "$new_routers" ]; then ip route replace default via "${new_routers%% *}" dev "$interface"; fi ;;
+  EXPIRE|FAIL|RELEASE|STOP) ip -4 addr flush dev "$interface" ;;
+  TIMEOUT) exit 1 ;;
+esac
+exit 0
+"""
+
+
+def _write_dhclient_files() -> None:
+    script = STATE_DIR / "dhclient-script"
+    script.write_text(DHCLIENT_SCRIPT)
+    script.chmod(0o755)
+    (STATE_DIR / "dhclient.conf").write_text(
+        f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
+        "request subnet-mask, broadcast-address, routers;\n")
+
+
+def dhcp(vm: str) -> str | None:
+    """Run the VM's real DHCP client once; the leased address, or None if it got none in DHCP_TIMEOUT.
+
+    On success dhclient stays in the background and renews, as in a real VM.
+    """
+    host = VMS[vm]
+    release(vm)
+    proc = host.ns.run("dhclient", "-1", "-v", "-cf", str(STATE_DIR / "dhclient.conf"),
+                       "-sf", str(STATE_DIR / "dhclient-script"),
+                       "-pf", str(STATE_DIR / f"dhclient-{vm}.pid"),
+                       "-lf", str(STATE_DIR / f"dhclient-{vm}.leases"), host.ifname,
+                       check=False, timeout=DHCP_TIMEOUT + 10)
+    with open(STATE_DIR / f"dhclient-{vm}.log", "a") as log:
+        log.write(proc.stdout + proc.stderr)
+    return vm_ip(vm) if proc.returncode == 0 else None
+
+
+def dhcp_all() -> dict[str, str | None]:
+    """dhcp() for every VM at once, as VMs booting together do."""
+    with ThreadPoolExecutor(len(VMS)) as pool:
+        return dict(zip(VMS, pool.map(dhcp, VMS)))
+
+
+def release(vm: str) -> None:
+    """Stop the VM's DHCP client and forget its lease, so the next dhcp() starts from scratch."""
+    host = VMS[vm]
+    pidfile = STATE_DIR / f"dhclient-{vm}.pid"
+    if pidfile.exists():
+        host.ns.run("kill", pidfile.read_text().strip(), check=False)
+        pidfile.unlink()
+    (STATE_DIR / f"dhclient-{vm}.leases").unlink(missing_ok=True)
+    host.ns.ip("-4", "addr", "flush", "dev", host.ifname)
+
+
+def vm_ip(vm: str) -> str | None:
+    host = VMS[vm]
+    addrs = json.loads(host.ns.ip("-j", "-4", "addr", "show", "dev", host.ifname))
+    return next((info["local"] for link in addrs for info in link.get("addr_info", [])), None)
+
+
+def set_ap(knobs: Knobs) -> None:
+    """Install the access point's behaviour towards the station (replacing what was there)."""
+    rules = []
+    if knobs.mcast_to_ucast:
+        rules.append(f'oifname "air" meta pkttype {{ broadcast, multicast }} ether daddr set {LAPTOP.mac}')
+    if knobs.ap_filter:
+        rules.append(f'iifname "air" ether saddr != {LAPTOP.mac} counter name "from_unassociated" drop')
+        rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
+                     f'ether daddr != {LAPTOP.mac} counter name "to_unassociated" drop')
+    body = "\n".join(f"    {r}" for r in rules)
+    AP.run("nft", "-f", "-", input=f"""
+table bridge {AP_TABLE}
+delete table bridge {AP_TABLE}
+table bridge {AP_TABLE} {{
+  counter from_unassociated {{}}
+  counter to_unassociated {{}}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+{body}
+  }}
+}}
+""")
+    if STATE_DIR.exists():
+        (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+
+
+def ap_drops() -> dict[str, int]:
+    """Frames the AP dropped: from unassociated source MACs, and unicast to MACs other than the station's."""
+    out = json.loads(AP.run("nft", "-j", "list", "counters", "table", "bridge", AP_TABLE).stdout)
+    return {item["counter"]["name"]: item["counter"]["packets"] for item in out["nftables"] if "counter" in item}
+
+
+def knobs() -> Knobs | None:
+    path = STATE_DIR / "knobs.json"
+    return Knobs(**json.loads(path.read_text())) if path.exists() else None
+
+
+def is_up() -> bool:
+    return all(ns.exists() for ns in namespaces())
+
+
+def down() -> None:
+    """Remove every lab namespace (and the processes in them) and the lab's files."""
+    present = set(names())
+    for ns in namespaces():
+        if ns.name in present:
+            ns.delete()
+    for name in present:  # leftovers of an older lab layout
+        if name.startswith(PREFIX):
+            Namespace(name).delete()
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+def status() -> dict:
+    """What is up, for `macnat lab status`."""
+    if not is_up():
+        return {"up": False, "namespaces": [n for n in names() if n.startswith(PREFIX)]}
+    return {
+        "up": True,
+        "knobs": asdict(knobs() or Knobs()),
+        "ap_drops": ap_drops(),
+        "laptop": {"wifi": LAPTOP.ifname, "mac": LAPTOP.mac, "ip": LAPTOP.ip, "bridge": BRIDGE},
+        "vms": {name: {"mac": vm.mac, "ip": vm_ip(name), "ns": vm.ns.name} for name, vm in VMS.items()},
+        "lan": {"router": ROUTER.ip, "lanhost": LANHOST.ip},
+    }

@@ -1,0 +1,104 @@
+"""Network namespaces and the commands run inside them (used by the lab, the tests and the benchmarks).
+
+Every command goes through `ip netns exec`, exactly as a person would type it, so what the lab and the
+tests exercise is what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from macnat.errors import MacnatError
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a command in the current namespace, capturing its output; a failure raises MacnatError."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired as exc:
+        raise MacnatError(f"'{' '.join(cmd)}' did not finish within {timeout:g} s") from exc
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise MacnatError(f"'{' '.join(cmd)}' failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+    return proc
+
+
+def names() -> list[str]:
+    """Names of the named network namespaces (`ip netns list`)."""
+    out = run("ip", "netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A named network namespace (`ip netns add`)."""
+
+    name: str
+
+    @classmethod
+    def create(cls, name: str) -> Namespace:
+        ns = cls(name)
+        ns.delete()
+        run("ip", "netns", "add", name)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    def exists(self) -> bool:
+        return Path("/run/netns", self.name).exists()
+
+    def exec_argv(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+        return run(*self.exec_argv(*cmd), check=check, timeout=timeout, input=input)
+
+    def spawn(self, *cmd: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a long-running process in the namespace, its output going to `log`."""
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            return subprocess.Popen(self.exec_argv(*cmd), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        finally:
+            if log:
+                out.close()
+
+    def pids(self) -> list[int]:
+        if not self.exists():
+            return []
+        out = run("ip", "netns", "pids", self.name, check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_all(self, grace: float = 2.0) -> None:
+        """End every process in the namespace: SIGTERM, then SIGKILL for whatever is left after `grace`."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pids = self.pids()
+            if not pids:
+                return
+
+    def delete(self) -> None:
+        """Kill the namespace's processes and remove it; a namespace that is not there is fine."""
+        if self.exists():
+            self.kill_all()
+            run("ip", "netns", "del", self.name)
+
+    def ip(self, *args: str) -> str:
+        return self.run("ip", *args).stdout
+
+    def link(self, ifname: str) -> dict:
+        """`ip -j -d link show` of one interface in this namespace."""
+        return json.loads(self.ip("-j", "-d", "link", "show", "dev", ifname))[0]

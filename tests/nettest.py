@@ -1,0 +1,68 @@
+"""Test helpers over the lab: captures, pings, traffic. Reusable by every test module."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from scapy.all import rdpcap
+
+from macnat.netns import Namespace
+
+
+@contextmanager
+def capture(ns: Namespace, ifname: str, bpf_filter: str = "", tmp: Path = Path("/tmp")):
+    """Capture on one interface while the body runs; yields a list filled with scapy packets at exit."""
+    pcap = tmp / f"cap-{ns.name}-{ifname}-{time.monotonic_ns()}.pcap"
+    proc = ns.spawn("tcpdump", "-i", ifname, "-U", "-n", "-w", str(pcap), *bpf_filter.split())
+    packets: list = []
+    deadline = time.monotonic() + 5
+    while not pcap.exists() or pcap.stat().st_size == 0:  # tcpdump writes the pcap header once listening
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"tcpdump did not start on {ns.name}/{ifname}")
+        time.sleep(0.02)
+    try:
+        yield packets
+    finally:
+        time.sleep(0.2)
+        proc.terminate()
+        proc.wait(5)
+        packets.extend(rdpcap(str(pcap)))
+        pcap.unlink()
+
+
+def ping(ns: Namespace, target: str, count: int = 1, timeout: float = 2) -> bool:
+    """True when every one of `count` echo requests was answered."""
+    proc = ns.run("ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(timeout), target,
+                  check=False, timeout=count * 0.2 + timeout + 5)
+    return proc.returncode == 0
+
+
+def neighbours(ns: Namespace) -> dict[str, str]:
+    """IP -> MAC of the namespace's neighbour table (reachable or stale entries only)."""
+    import json
+
+    out = json.loads(ns.ip("-j", "neigh", "show"))
+    return {n["dst"]: n["lladdr"] for n in out if "lladdr" in n}
+
+
+def tcp_transfer(server: Namespace, server_ip: str, client: Namespace, seconds: float = 1,
+                 reverse: bool = False) -> float:
+    """iperf3 TCP from client to server (or back with reverse); returns bits/s received."""
+    import json
+
+    srv = server.spawn("iperf3", "-s", "-1", "-B", server_ip)
+    try:
+        for _ in range(50):
+            if server.run("ss", "-ltn", f"sport = :5201", check=False).stdout.count("LISTEN"):
+                break
+            time.sleep(0.05)
+        argv = ["iperf3", "-c", server_ip, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+        out = client.run(*argv, timeout=seconds + 20)
+        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+    finally:
+        srv.kill()
+        srv.wait()
