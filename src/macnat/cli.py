@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,9 +20,226 @@ lab_app = typer.Typer(no_args_is_help=True, help="The emulated Wi-Fi LAN in netw
 app.add_typer(lab_app, name="lab")
 
 
+def console():
+    """Rich output; piped output is not cut to 80 columns."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise MacnatError("must run as root (macnat loads BPF programs and changes network devices)")
+
+
+def parse_statics(entries: list[str]) -> dict[str, str]:
+    from macnat.maps import ip_key, mac_bytes
+
+    statics = {}
+    for entry in entries:
+        ip, sep, mac = entry.partition("=")
+        if not sep:
+            raise MacnatError(f"--static takes IP=MAC, got '{entry}'")
+        try:
+            ip_key(ip)
+        except OSError:
+            raise MacnatError(f"--static: '{ip}' is not an IPv4 address") from None
+        mac_bytes(mac)
+        statics[ip] = mac.lower()
+    return statics
+
+
+@app.command()
+def attach(
+    wifi: Annotated[str, typer.Argument(help="The Wi-Fi station interface, e.g. wlan0")],
+    bridge: Annotated[str, typer.Argument(help="The bridge the VMs are on, e.g. vmbr0")],
+    age: Annotated[float, typer.Option(help="Seconds a learned binding lives without traffic (probed before)")] = 300,
+    static: Annotated[list[str], typer.Option(help="A static binding IP=MAC (repeatable)")] = [],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log probes")] = False,
+) -> None:
+    """Attach macnat between WIFI and BRIDGE and manage it in the foreground until SIGTERM/SIGINT.
+
+    An attachment left by a manager that died is adopted, with everything it learned.
+    """
+    import logging
+
+    from pyroute2 import IPRoute
+
+    from macnat import attachment, constants, loader, netlink
+    from macnat.manager import Manager, Settings
+
+    require_root()
+    if age <= 0:
+        raise MacnatError("--age must be positive")
+    settings = Settings(age=age, statics=parse_statics(static))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s macnat: %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("macnat")
+    with IPRoute() as ipr:
+        lock = attachment.ManagerLock(netlink.link(ipr, wifi))
+        if not lock.acquire():
+            raise MacnatError(f"'{wifi}' is already attached and managed by pid {lock.holder()} "
+                              f"(macnat detach {wifi} stops it)")
+        try:
+            found = attachment.find(ipr, wifi)
+            if found is None:
+                found = _load(ipr, wifi, bridge)
+                log.info("attached to %s and %s", wifi, bridge)
+                fresh = True
+            else:
+                if found.bridge is None or found.bridge.name != bridge:
+                    raise MacnatError(f"'{wifi}' is attached to '{found.bridge.name if found.bridge else '?'}', "
+                                      f"not '{bridge}' (macnat detach {wifi} first)")
+                if not found.complete:
+                    raise MacnatError(f"the attachment on '{wifi}' is incomplete: macnat detach {wifi}, then attach")
+                log.info("adopting the running datapath on %s (its manager is gone)", wifi)
+                fresh = False
+            try:
+                manager = Manager(found, settings)
+                manager.start()
+            except BaseException:
+                if fresh:  # leave nothing half-done: what this attach created goes again
+                    loader.detach(found.wifi.index, found.uplink.index, bool(found.config.flags & constants.CFG_CREATED_CLSACT))
+                raise
+            manager.run()
+        finally:
+            lock.release()
+
+
+def _load(ipr, wifi: str, bridge: str):
+    """Compile and attach in a child process, so this long-running one never loads LLVM."""
+    import subprocess
+
+    from macnat import attachment, loader
+
+    loader.validate(ipr, wifi, bridge)
+    proc = subprocess.run([sys.executable, "-m", "macnat.loader", wifi, bridge], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("macnat: error: ")]
+        raise MacnatError(lines[-1].removeprefix("macnat: error: ") if lines
+                          else f"loading the datapath failed: {proc.stderr.strip()[-500:]}")
+    return attachment.require(ipr, wifi)
+
+
+@app.command()
+def detach(wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interface (default: every attachment)")] = None) -> None:
+    """Detach macnat: stop its manager if one runs, remove its programs, uplink and settings."""
+    import signal
+    import time
+
+    from pyroute2 import IPRoute
+
+    from macnat import attachment, constants, loader
+
+    require_root()
+    with IPRoute() as ipr:
+        targets = [attachment.require(ipr, wifi)] if wifi else attachment.find_all(ipr)
+        if not targets:
+            raise MacnatError("macnat is not attached to anything in this network namespace")
+        for found in targets:
+            pid = attachment.ManagerLock(found.wifi).holder()
+            if pid and pid > 0:
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while attachment.ManagerLock(found.wifi).holder() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            if attachment.find(ipr, found.wifi.name):  # no manager, or it did not finish
+                loader.detach(found.wifi.index, found.uplink.index if found.uplink else None,
+                              bool(found.config.flags & constants.CFG_CREATED_CLSACT))
+            found.close()
+            typer.echo(f"detached from {found.wifi.name}")
+
+
+def _attachments(wifi: Optional[str]):
+    from pyroute2 import IPRoute
+
+    from macnat import attachment
+
+    require_root()
+    with IPRoute() as ipr:
+        found = [attachment.require(ipr, wifi)] if wifi else attachment.find_all(ipr)
+    if not found:
+        raise MacnatError("macnat is not attached to anything in this network namespace")
+    return found
+
+
+WifiOption = Annotated[Optional[str], typer.Option("--wifi", help="Only this Wi-Fi interface's attachment")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON")]
+
+
+@app.command()
+def table(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
+    """The VMs' address bindings: IP, MAC, kind, last seen, packets and bytes."""
+    from rich.table import Table
+
+    from macnat import constants
+    from macnat.manager import monotonic_ns
+    from macnat.maps import ip_str, mac_str
+
+    rows = []
+    now = monotonic_ns()
+    for found in _attachments(wifi):
+        for key, b in found.maps.bindings.items():
+            rows.append({"ip": ip_str(key), "family": "ipv4", "mac": mac_str(b.mac),
+                         "kind": "static" if b.flags & constants.BINDING_STATIC else "learned",
+                         "last_seen_s": round((now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi.name,
+                         "tx_packets": b.tx_packets, "tx_bytes": b.tx_bytes,
+                         "rx_packets": b.rx_packets, "rx_bytes": b.rx_bytes})
+        found.close()
+    rows.sort(key=lambda r: (r["wifi"], tuple(int(p) for p in r["ip"].split("."))))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    out = Table("IP", "MAC", "kind", "last seen", "to Wi-Fi pkts/bytes", "from Wi-Fi pkts/bytes", "Wi-Fi")
+    for r in rows:
+        out.add_row(r["ip"], r["mac"], r["kind"], f"{r['last_seen_s']} s ago",
+                    f"{r['tx_packets']}/{r['tx_bytes']}", f"{r['rx_packets']}/{r['rx_bytes']}", r["wifi"])
+    console().print(out)
+
+
+@app.command()
+def stats(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
+    """The datapath's counters: translated each way, learned, passed to the host, dropped by reason."""
+    from rich.table import Table
+
+    from macnat import constants
+
+    result = {}
+    for found in _attachments(wifi):
+        result[found.wifi.name] = found.maps.counters()
+        found.close()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for name, counters in result.items():
+        out = Table("counter", "value", "meaning", title=f"macnat on {name}")
+        for counter, value in counters.items():
+            out.add_row(counter, str(value), constants.COUNTERS[counter])
+        console().print(out)
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """What is attached where, and whether a manager runs for it."""
+    from pyroute2 import IPRoute
+
+    from macnat import attachment
+
+    require_root()
+    with IPRoute() as ipr:
+        found = attachment.find_all(ipr)
+        described = [a.describe() for a in found]
+        for a in found:
+            a.close()
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    if not described:
+        typer.echo("macnat is not attached in this network namespace")
+    for d in described:
+        manager = f"manager pid {d['manager_pid']}" if d["manager_pid"] else "no manager (datapath runs unmanaged)"
+        typer.echo(f"{d['wifi']} ({d['wifi_mac']}) <-> {d['bridge']} via {d['uplink']}: "
+                   f"programs {d['programs']}; {manager}" + ("" if d["complete"] else "; INCOMPLETE"))
 
 
 @lab_app.command("up")

@@ -1,0 +1,427 @@
+/* macnat datapath: MAC address translation between a Wi-Fi station and a Linux bridge.
+ *
+ *      AP / LAN
+ *         |  air: only frames with the station's source MAC get through
+ *       wifi (wlan0)   wifi_ingress: Wi-Fi -> VMs (unicast by IP binding; group frames copied)
+ *         ^   |        wifi_egress:  host -> VMs
+ *  redirect   | redirect into the bridge's own transmit path (br_dev_xmit)
+ *         |   v
+ *       uplink (veth, a port of the bridge; its peer only keeps the carrier up)
+ *         |    uplink_egress: everything the bridge sends towards the LAN -> wifi
+ *       bridge (vmbr0) --- VM ports
+ *
+ * Why a bridge port and not the bridge device's own ingress: a port receives flooded unknown
+ * unicast (a VM talking to the gateway) without putting the bridge into promiscuous mode, and
+ * redirecting at the port's egress costs no extra device crossing. Frames from Wi-Fi are redirected
+ * into the bridge's transmit path, so the bridge never learns LAN MACs on the uplink; the manager
+ * installs them as static FDB entries from lan_macs, and until it has, a VM's frame to such a MAC
+ * is flooded (and still reaches the uplink): no first frame is lost.
+ *
+ * Learning is done here, synchronously, so the reply to a VM's very first ARP request already
+ * finds the binding; the manager only ages, protects and reports.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/udp.h>
+
+#include "macnat.h"
+
+#define ARPHRD_ETHER_BE bpf_htons(1)
+#define BOOTP_BROADCAST_BE bpf_htons(0x8000)
+#define BOOTP_FLAGS_OFF 10      /* op, htype, hlen, hops, xid[4], secs[2], flags[2] */
+#define DHCP_SERVER_PORT_BE bpf_htons(67)
+#define DHCP_CLIENT_PORT_BE bpf_htons(68)
+#define IP_FRAGMENT_MASK_BE bpf_htons(0x3fff)  /* MF flag and fragment offset */
+
+/* RFC 826 ARP for IPv4 over Ethernet, the only kind macnat rewrites. */
+struct arp_ipv4 {
+    __be16 htype;
+    __be16 ptype;
+    __u8 hlen;
+    __u8 plen;
+    __be16 op;
+    unsigned char sha[6];
+    unsigned char spa[4];
+    unsigned char tha[6];
+    unsigned char tpa[4];
+} __attribute__((packed));
+
+#define ETH_ARP_LEN (sizeof(struct ethhdr) + sizeof(struct arp_ipv4))
+#define ETH_IP_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr))
+#define ARP_SHA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, sha))
+#define ARP_THA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tha))
+
+BPF_ARRAY(config, struct macnat_config, 1);
+BPF_PERCPU_ARRAY(counters, __u64, MACNAT_NUM_COUNTERS);
+BPF_HASH(bindings, __u32, struct binding, MACNAT_MAX_BINDINGS);
+BPF_HASH(vm_macs, struct mac_addr, struct mac_seen, MACNAT_MAX_VM_MACS);
+BPF_TABLE("lru_hash", struct mac_addr, struct mac_seen, lan_macs, MACNAT_MAX_LAN_MACS);
+BPF_HASH(host_ipv4, __u32, __u8, MACNAT_MAX_HOST_ADDRS);
+BPF_TABLE("lru_hash", __u32, struct refusal, refusals, MACNAT_MAX_REFUSALS);
+
+static __always_inline void count(__u32 index)
+{
+    __u64 *value = counters.lookup(&index);
+    if (value)
+        *value += 1;
+}
+
+static __always_inline struct macnat_config *get_config(void)
+{
+    int zero = 0;
+    return config.lookup(&zero);
+}
+
+static __always_inline int mac_eq(const unsigned char *a, const unsigned char *b)
+{
+    return *(const __u32 *)a == *(const __u32 *)b && *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline int is_group(const unsigned char *mac)
+{
+    return mac[0] & 1;
+}
+
+static __always_inline __u32 load_ipv4(const unsigned char *p)
+{
+    __u32 ip;
+    __builtin_memcpy(&ip, p, 4);
+    return ip;
+}
+
+/* Make the first `len` bytes directly addressable; 0 when the frame is shorter than that. */
+static __always_inline int pull(struct __sk_buff *skb, __u32 len)
+{
+    if ((void *)(long)skb->data + len <= (void *)(long)skb->data_end)
+        return 1;
+    return skb->len >= len && bpf_skb_pull_data(skb, len) == 0 &&
+           (void *)(long)skb->data + len <= (void *)(long)skb->data_end;
+}
+
+static __always_inline void touch(__u64 *last_seen_ns, __u64 now)
+{
+    /* Coarse time changes once a tick: most frames read the cache line without dirtying it. */
+    if (*last_seen_ns != now)
+        *last_seen_ns = now;
+}
+
+static __always_inline void note_lan_mac(const unsigned char *addr, __u64 now)
+{
+    struct mac_addr mac;
+    __builtin_memcpy(mac.addr, addr, 6);
+    struct mac_seen *seen = lan_macs.lookup(&mac);
+    if (seen) {
+        touch(&seen->last_seen_ns, now);
+        return;
+    }
+    struct mac_seen fresh = { .last_seen_ns = now };
+    lan_macs.update(&mac, &fresh);
+}
+
+static __always_inline void refuse(__u32 ip, const struct mac_addr *mac, __u16 reason, __u64 now)
+{
+    count(reason);
+    struct refusal *seen = refusals.lookup(&ip);
+    if (seen && mac_eq(seen->mac, mac->addr) && seen->reason == reason) {
+        __sync_fetch_and_add(&seen->count, 1);
+        seen->last_ns = now;
+        return;
+    }
+    struct refusal fresh = { .reason = reason, .count = 1, .last_ns = now };
+    __builtin_memcpy(fresh.mac, mac->addr, 6);
+    refusals.update(&ip, &fresh);
+}
+
+/* Remember a MAC behind the bridge. 0, or -1 when the table is full (the frame is dropped). */
+static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
+{
+    struct mac_seen *seen = vm_macs.lookup((struct mac_addr *)mac);
+    if (seen) {
+        touch(&seen->last_seen_ns, now);
+        return 0;
+    }
+    struct mac_seen fresh = { .last_seen_ns = now };
+    if (vm_macs.update((struct mac_addr *)mac, &fresh)) {
+        count(MACNAT_CNT_DROP_TABLE_FULL);
+        return -1;
+    }
+    count(MACNAT_CNT_LEARNED_MAC);
+    return 0;
+}
+
+/* Bind a VM's IPv4 source address to its MAC. 0, or -1 when the frame must be dropped. */
+static __always_inline int learn_ipv4(__u32 ip, const struct mac_addr *mac, __u64 now, __u32 len)
+{
+    struct binding *known = bindings.lookup(&ip);
+    if (known && mac_eq(known->mac, mac->addr)) {
+        touch(&known->last_seen_ns, now);
+        __sync_fetch_and_add(&known->tx_packets, 1);
+        __sync_fetch_and_add(&known->tx_bytes, len);
+        return 0;
+    }
+    if (host_ipv4.lookup(&ip)) {
+        refuse(ip, mac, MACNAT_CNT_REFUSED_HOST_IP, now);
+        return -1;
+    }
+    if (known && (known->flags & MACNAT_BINDING_STATIC)) {
+        refuse(ip, mac, MACNAT_CNT_REFUSED_STATIC, now);
+        return -1;
+    }
+    struct binding fresh = { .last_seen_ns = now, .tx_packets = 1, .tx_bytes = len };
+    __builtin_memcpy(fresh.mac, mac->addr, 6);
+    if (bindings.update(&ip, &fresh)) {
+        count(MACNAT_CNT_DROP_TABLE_FULL);
+        return -1;
+    }
+    count(known ? MACNAT_CNT_MOVED_IP : MACNAT_CNT_LEARNED_IP);
+    return 0;
+}
+
+static __always_inline int usable_ipv4_source(__u32 ip)
+{
+    /* 0.0.0.0 (DHCP, ARP probes), limited broadcast and multicast never belong to a VM. */
+    return ip != 0 && ip != 0xffffffff && (bpf_ntohl(ip) & 0xf0000000) != 0xe0000000;
+}
+
+/* A VM's DHCP request gets the BOOTP broadcast flag, so the server's answer is a broadcast that
+ * the AP delivers: a unicast reply would be addressed to the VM's MAC, which the AP never sends to
+ * the station. The UDP checksum is updated incrementally (RFC 1624); a zero checksum (none) stays
+ * zero, and a CHECKSUM_PARTIAL skb keeps its pseudo-header sum for the device to finish. */
+static __always_inline void set_dhcp_broadcast(struct __sk_buff *skb, __u32 l4_off)
+{
+    struct udphdr udp;
+    __u8 op;
+    __be16 flags;
+
+    if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) ||
+        udp.source != DHCP_CLIENT_PORT_BE || udp.dest != DHCP_SERVER_PORT_BE)
+        return;
+    __u32 bootp = l4_off + sizeof(udp);
+    if (bpf_skb_load_bytes(skb, bootp, &op, 1) || op != 1 ||
+        bpf_skb_load_bytes(skb, bootp + BOOTP_FLAGS_OFF, &flags, 2) || (flags & BOOTP_BROADCAST_BE))
+        return;
+    __be16 with_broadcast = flags | BOOTP_BROADCAST_BE;
+    bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), flags, with_broadcast,
+                        BPF_F_MARK_MANGLED_0 | sizeof(flags));
+    bpf_skb_store_bytes(skb, bootp + BOOTP_FLAGS_OFF, &with_broadcast, sizeof(with_broadcast), 0);
+    count(MACNAT_CNT_DHCP_FLAG_SET);
+}
+
+/* Everything the bridge sends towards the LAN: from the VMs. */
+int uplink_egress(struct __sk_buff *skb)
+{
+    struct macnat_config *cfg = get_config();
+    if (!cfg || !cfg->wifi_ifindex)
+        return TC_ACT_SHOT;
+
+    /* Frames macnat itself put into the bridge (from Wi-Fi, or from the host, which has no
+     * ingress interface) come back here when the bridge floods them: they are not the VMs'. */
+    if (skb->ingress_ifindex == 0 || skb->ingress_ifindex == cfg->wifi_ifindex) {
+        count(MACNAT_CNT_DROP_ECHO);
+        return TC_ACT_SHOT;
+    }
+    if (!pull(skb, sizeof(struct ethhdr))) {
+        count(MACNAT_CNT_DROP_MALFORMED);
+        return TC_ACT_SHOT;
+    }
+    void *data = (void *)(long)skb->data;
+    struct ethhdr *eth = data;
+    struct mac_addr src, dst;
+    __builtin_memcpy(src.addr, eth->h_source, 6);
+    __builtin_memcpy(dst.addr, eth->h_dest, 6);
+    __be16 proto = eth->h_proto;
+
+    if (is_group(src.addr)) {
+        count(MACNAT_CNT_DROP_MALFORMED);
+        return TC_ACT_SHOT;
+    }
+    if (vm_macs.lookup(&dst)) {  /* unknown unicast between VMs, flooded: the bridge delivered it */
+        count(MACNAT_CNT_DROP_VM_TO_VM);
+        return TC_ACT_SHOT;
+    }
+    __u64 now = bpf_ktime_get_coarse_ns();
+    if (learn_mac(&src, now))
+        return TC_ACT_SHOT;
+
+    int rewrite_sha = 0, rewrite_tha = 0;
+    __u32 ip = 0, l4_off = 0;
+    if (proto == bpf_htons(ETH_P_ARP)) {
+        if (!pull(skb, ETH_ARP_LEN)) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        data = (void *)(long)skb->data;
+        struct arp_ipv4 *arp = data + sizeof(struct ethhdr);
+        if ((void *)(arp + 1) > (void *)(long)skb->data_end || arp->htype != ARPHRD_ETHER_BE ||
+            arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 || arp->plen != 4) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        ip = load_ipv4(arp->spa);
+        rewrite_sha = mac_eq(arp->sha, src.addr);
+        rewrite_tha = mac_eq(arp->tha, src.addr);
+    } else if (proto == bpf_htons(ETH_P_IP)) {
+        if (!pull(skb, ETH_IP_LEN)) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        data = (void *)(long)skb->data;
+        struct iphdr *iph = data + sizeof(struct ethhdr);
+        if ((void *)(iph + 1) > (void *)(long)skb->data_end || iph->ihl < 5) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        ip = iph->saddr;
+        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE))
+            l4_off = sizeof(struct ethhdr) + iph->ihl * 4;
+    }
+    if (usable_ipv4_source(ip) && learn_ipv4(ip, &src, now, skb->len))
+        return TC_ACT_SHOT;
+
+    if (mac_eq(dst.addr, cfg->wifi_mac)) {
+        count(MACNAT_CNT_VM_TO_HOST);
+        return bpf_redirect(cfg->wifi_ifindex, BPF_F_INGRESS);
+    }
+    /* The host hears a VM's broadcast as the VM sent it (its own MAC), so it answers the VM. */
+    if (is_group(dst.addr))
+        bpf_clone_redirect(skb, cfg->wifi_ifindex, BPF_F_INGRESS);
+
+    if (rewrite_sha)
+        bpf_skb_store_bytes(skb, ARP_SHA_OFF, cfg->wifi_mac, 6, 0);
+    if (rewrite_tha)
+        bpf_skb_store_bytes(skb, ARP_THA_OFF, cfg->wifi_mac, 6, 0);
+    if (l4_off)
+        set_dhcp_broadcast(skb, l4_off);
+    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), cfg->wifi_mac, 6, 0);
+    count(MACNAT_CNT_VM_TO_WIFI);
+    return bpf_redirect(cfg->wifi_ifindex, 0);
+}
+
+/* Copy a group frame to the VMs (through the bridge) and let the host have it too. A VM's own
+ * group frame, handed to the host by uplink_egress, already reached the other VMs. */
+static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
+                                           const struct mac_addr *src)
+{
+    if (vm_macs.lookup((struct mac_addr *)src))
+        return TC_ACT_OK;
+    bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
+    count(MACNAT_CNT_GROUP_TO_VMS);
+    return TC_ACT_OK;
+}
+
+static __always_inline int to_vm(struct __sk_buff *skb, struct macnat_config *cfg, struct binding *vm)
+{
+    __sync_fetch_and_add(&vm->rx_packets, 1);
+    __sync_fetch_and_add(&vm->rx_bytes, skb->len);
+    count(MACNAT_CNT_WIFI_TO_VM);
+    return bpf_redirect(cfg->bridge_ifindex, 0);
+}
+
+static __always_inline void restore_group(struct ethhdr *eth, const unsigned char *group)
+{
+    __builtin_memcpy(eth->h_dest, group, 6);
+    count(MACNAT_CNT_GROUP_RESTORED);
+}
+
+/* Frames from the access point. */
+int wifi_ingress(struct __sk_buff *skb)
+{
+    static const unsigned char broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    struct macnat_config *cfg = get_config();
+    if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
+        return TC_ACT_OK;
+    void *data = (void *)(long)skb->data;
+    struct ethhdr *eth = data;
+    struct mac_addr src;
+    __builtin_memcpy(src.addr, eth->h_source, 6);
+
+    if (is_group(eth->h_dest))
+        return to_vms_and_host(skb, cfg, &src);
+    if (!mac_eq(eth->h_dest, cfg->wifi_mac))
+        return TC_ACT_OK;
+
+    if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+        if (!pull(skb, ETH_ARP_LEN))
+            return TC_ACT_OK;
+        data = (void *)(long)skb->data;
+        eth = data;
+        struct arp_ipv4 *arp = data + sizeof(struct ethhdr);
+        if ((void *)(arp + 1) > (void *)(long)skb->data_end || arp->ptype != bpf_htons(ETH_P_IP) ||
+            arp->hlen != 6 || arp->plen != 4)
+            return TC_ACT_OK;
+        __u32 tpa = load_ipv4(arp->tpa);
+        if (host_ipv4.lookup(&tpa)) {
+            count(MACNAT_CNT_WIFI_TO_HOST);
+            return TC_ACT_OK;
+        }
+        __u64 now = bpf_ktime_get_coarse_ns();
+        note_lan_mac(src.addr, now);
+        struct binding *vm = bindings.lookup(&tpa);
+        if (vm) {
+            if (mac_eq(arp->tha, cfg->wifi_mac))
+                __builtin_memcpy(arp->tha, vm->mac, 6);
+            __builtin_memcpy(eth->h_dest, vm->mac, 6);
+            return to_vm(skb, cfg, vm);
+        }
+        /* ARP for an address nobody here owns, sent to the station's MAC: a broadcast the AP
+         * turned into unicast, or a defence against a VM's address probe. Every VM may need it. */
+        restore_group(eth, broadcast);
+        return to_vms_and_host(skb, cfg, &src);
+    }
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        if (!pull(skb, ETH_IP_LEN))
+            return TC_ACT_OK;
+        data = (void *)(long)skb->data;
+        eth = data;
+        struct iphdr *iph = data + sizeof(struct ethhdr);
+        if ((void *)(iph + 1) > (void *)(long)skb->data_end)
+            return TC_ACT_OK;
+        __u32 daddr = iph->daddr;
+        if (daddr == 0xffffffff) {
+            restore_group(eth, broadcast);
+            return to_vms_and_host(skb, cfg, &src);
+        }
+        if ((bpf_ntohl(daddr) & 0xf0000000) == 0xe0000000) {
+            /* RFC 1112: 01:00:5e and the low 23 bits of the group address. */
+            unsigned char group[6] = { 0x01, 0x00, 0x5e, ((unsigned char *)&daddr)[1] & 0x7f,
+                                       ((unsigned char *)&daddr)[2], ((unsigned char *)&daddr)[3] };
+            restore_group(eth, group);
+            return to_vms_and_host(skb, cfg, &src);
+        }
+        struct binding *vm = bindings.lookup(&daddr);
+        if (vm) {
+            __builtin_memcpy(eth->h_dest, vm->mac, 6);
+            return to_vm(skb, cfg, vm);
+        }
+    }
+    count(MACNAT_CNT_WIFI_TO_HOST);
+    return TC_ACT_OK;
+}
+
+/* The host's own frames on their way out: those for a VM go into the bridge instead. */
+int wifi_egress(struct __sk_buff *skb)
+{
+    struct macnat_config *cfg = get_config();
+    if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
+        return TC_ACT_OK;
+    struct ethhdr *eth = (void *)(long)skb->data;
+
+    if (is_group(eth->h_dest)) {
+        /* Only the host's own (no ingress interface): VM broadcasts already reached the VMs. */
+        if (skb->ingress_ifindex == 0) {
+            bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
+            count(MACNAT_CNT_GROUP_TO_VMS);
+        }
+        return TC_ACT_OK;
+    }
+    struct mac_addr dst;
+    __builtin_memcpy(dst.addr, eth->h_dest, 6);
+    if (vm_macs.lookup(&dst)) {
+        count(MACNAT_CNT_HOST_TO_VM);
+        return bpf_redirect(cfg->bridge_ifindex, 0);
+    }
+    return TC_ACT_OK;
+}

@@ -1,0 +1,201 @@
+"""The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements and
+BPF_PROG_TEST_RUN.
+
+The manager and the read-only commands use these instead of bcc, so they never load LLVM: a program
+or map is found by the ID the kernel reports for an attached filter, which works from any mount
+namespace (a bpffs pin does not survive `ip netns exec`, which remounts /sys).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from dataclasses import dataclass
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_PERCPU_HASH = 5
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info (the kernel fills as much as we ask for)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+class MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+# struct __sk_buff up to and including ifindex; BPF_PROG_TEST_RUN accepts this prefix as ctx_in.
+class SkBuffCtx(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32), ("mark", ctypes.c_uint32),
+                ("queue_mapping", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
+                ("vlan_present", ctypes.c_uint32), ("vlan_tci", ctypes.c_uint32),
+                ("vlan_proto", ctypes.c_uint32), ("priority", ctypes.c_uint32),
+                ("ingress_ifindex", ctypes.c_uint32), ("ifindex", ctypes.c_uint32)]
+
+
+class BpfError(OSError):
+    pass
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
+    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return ret
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetFdByIdAttr(id=prog_id))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _GetFdByIdAttr(id=map_id))
+
+
+def _info(fd: int, info: ctypes.Structure) -> None:
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                           info=ctypes.addressof(info)))
+
+
+def prog_info(fd: int) -> tuple[ProgInfo, list[int]]:
+    """The program's info and the IDs of the maps it uses."""
+    info = ProgInfo()
+    _info(fd, info)
+    ids = (ctypes.c_uint32 * info.nr_map_ids)()
+    info = ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+    _info(fd, info)
+    return info, list(ids)
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(fd, info)
+    return info
+
+
+def possible_cpus() -> int:
+    """Per-CPU maps hold one value per possible CPU (not online CPU)."""
+    count = 0
+    with open("/sys/devices/system/cpu/possible") as f:
+        for part in f.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+@dataclass
+class TestRun:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: SkBuffCtx | None = None) -> TestRun:
+    """BPF_PROG_TEST_RUN: run a program on a frame; the output frame and the return value.
+
+    A program that calls bpf_clone_redirect really transmits on that ifindex in the calling network
+    namespace: run it only in a namespace made for the test.
+    """
+    out = ctypes.create_string_buffer(len(data) + 256)  # room for a program that grows the frame
+    inp = ctypes.create_string_buffer(data, len(data))
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=len(out),
+                        data_in=ctypes.addressof(inp), data_out=ctypes.addressof(out), repeat=repeat)
+    if ctx is not None:
+        attr.ctx_in = ctypes.addressof(ctx)
+        attr.ctx_size_in = ctypes.sizeof(ctx)
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    return TestRun(attr.retval, out.raw[:attr.data_size_out], attr.duration)
+
+
+def map_lookup(fd: int, key: ctypes.Array | ctypes.Structure | ctypes._SimpleCData, value) -> bool:
+    attr = _MapElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                           value=ctypes.addressof(value), flags=flags))
+
+
+def map_delete(fd: int, key) -> bool:
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key)))
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """Fill next_key with the key after `key` (or the first key when key is None); False at the end."""
+    attr = _MapElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
+                        value=ctypes.addressof(next_key))
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True

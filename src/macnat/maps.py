@@ -1,0 +1,171 @@
+"""Typed access to the datapath's maps, by file descriptor, without bcc.
+
+The record types mirror bpf/macnat.h; tests/test_maps.py checks them field by field against the layout
+bcc compiles from that header, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from macnat import bpfsys, constants
+from macnat.errors import MacnatError
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+MacBytes = ctypes.c_ubyte * 6
+
+
+class MacAddr(ctypes.Structure):
+    _fields_ = [("addr", MacBytes)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("wifi_mac", MacBytes), ("pad", u16), ("wifi_ifindex", u32), ("bridge_ifindex", u32),
+                ("uplink_ifindex", u32), ("flags", u32)]
+
+
+class Binding(ctypes.Structure):
+    _fields_ = [("mac", MacBytes), ("flags", u16), ("last_seen_ns", u64), ("tx_packets", u64),
+                ("tx_bytes", u64), ("rx_packets", u64), ("rx_bytes", u64)]
+
+
+class MacSeen(ctypes.Structure):
+    _fields_ = [("last_seen_ns", u64)]
+
+
+class Refusal(ctypes.Structure):
+    _fields_ = [("mac", MacBytes), ("reason", u16), ("count", u64), ("last_ns", u64)]
+
+
+# map name -> (key type, value type); per-CPU maps are read as one value per possible CPU.
+LAYOUT: dict[str, tuple[type, type]] = {
+    "config": (u32, Config),
+    "counters": (u32, u64),
+    "bindings": (u32, Binding),
+    "vm_macs": (MacAddr, MacSeen),
+    "lan_macs": (MacAddr, MacSeen),
+    "host_ipv4": (u32, u8),
+    "refusals": (u32, Refusal),
+}
+assert set(LAYOUT) == set(constants.MAP_NAMES)
+
+
+def ip_key(ip: str) -> u32:
+    """An IPv4 address as the datapath keys it: the four bytes in network order."""
+    return u32.from_buffer_copy(socket.inet_aton(ip))
+
+
+def ip_str(key: u32) -> str:
+    return socket.inet_ntoa(bytes(key))
+
+
+def mac_bytes(mac: str) -> MacBytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise MacnatError(f"'{mac}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")
+    try:
+        return MacBytes(*(int(p, 16) for p in parts))
+    except ValueError:
+        raise MacnatError(f"'{mac}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)") from None
+
+
+def mac_str(mac: MacBytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class Map:
+    """One BPF map with typed keys and values."""
+
+    def __init__(self, name: str, fd: int, info: bpfsys.MapInfo):
+        self.name, self.fd = name, fd
+        self.key_type, self.value_type = LAYOUT[name]
+        self.percpu = info.type in (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_HASH)
+        self.max_entries = info.max_entries
+        if (info.key_size, info.value_size) != (ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)):
+            raise MacnatError(f"map '{name}' has key/value sizes {info.key_size}/{info.value_size}, this macnat "
+                              f"expects {ctypes.sizeof(self.key_type)}/{ctypes.sizeof(self.value_type)}: "
+                              "the attached datapath is from another macnat version; detach it first")
+
+    def _value_buffer(self):
+        if self.percpu:
+            return (self.value_type * bpfsys.possible_cpus())()
+        return self.value_type()
+
+    def lookup(self, key):
+        value = self._value_buffer()
+        return value if bpfsys.map_lookup(self.fd, key, value) else None
+
+    def update(self, key, value, flags: int = bpfsys.BPF_ANY) -> None:
+        bpfsys.map_update(self.fd, key, value, flags)
+
+    def delete(self, key) -> bool:
+        return bpfsys.map_delete(self.fd, key)
+
+    def keys(self) -> Iterator:
+        key, nxt = None, self.key_type()
+        while bpfsys.map_next_key(self.fd, key, nxt):
+            key, nxt = nxt, self.key_type()
+            yield key
+
+    def items(self) -> Iterator[tuple]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:  # deleted meanwhile
+                yield key, value
+
+    def clear(self) -> None:
+        for key in list(self.keys()):
+            self.delete(key)
+
+
+@dataclass
+class Maps:
+    """All maps of one attachment, by name."""
+
+    by_name: dict[str, Map]
+
+    def __getattr__(self, name: str) -> Map:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def from_prog_ids(cls, prog_ids: list[int]) -> Maps:
+        by_name: dict[str, Map] = {}
+        for prog_id in prog_ids:
+            prog_fd = bpfsys.prog_fd_by_id(prog_id)
+            try:
+                _, map_ids = bpfsys.prog_info(prog_fd)
+            finally:
+                os.close(prog_fd)
+            for map_id in map_ids:
+                fd = bpfsys.map_fd_by_id(map_id)
+                info = bpfsys.map_info(fd)
+                name = info.name.decode()
+                if name in LAYOUT and name not in by_name:
+                    by_name[name] = Map(name, fd, info)
+                else:
+                    os.close(fd)
+        missing = set(LAYOUT) - set(by_name)
+        if missing:
+            raise MacnatError(f"the attached programs lack the maps {sorted(missing)}: not a macnat datapath of this version")
+        return cls(by_name)
+
+    def close(self) -> None:
+        for m in self.by_name.values():
+            os.close(m.fd)
+
+    def config(self) -> Config:
+        return self.by_name["config"].lookup(u32(0))
+
+    def counters(self) -> dict[str, int]:
+        out = {}
+        for name, index in constants.COUNTER_INDEX.items():
+            per_cpu = self.by_name["counters"].lookup(u32(index))
+            out[name] = sum(per_cpu) if per_cpu is not None else 0
+        return out

@@ -1,0 +1,107 @@
+"""Netlink through pyroute2: the interfaces macnat works with, the host's own addresses, bridge FDB
+entries, and a watcher that says when addresses or links changed."""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
+
+from macnat.errors import MacnatError
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: str
+    kind: str | None       # "bridge", "veth", ...; None for plain devices
+    master: int | None     # ifindex of the bridge it is a port of
+    mtu: int
+
+
+def _link(msg) -> Link:
+    return Link(index=msg["index"], name=msg.get("ifname"), mac=msg.get("address") or "",
+                kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"), master=msg.get("master"),
+                mtu=msg.get("mtu"))
+
+
+def link(ipr: IPRoute, name: str) -> Link:
+    try:
+        return _link(ipr.link("get", ifname=name)[0])
+    except NetlinkError:
+        raise MacnatError(f"no interface named '{name}' in this network namespace") from None
+
+
+def link_by_index(ipr: IPRoute, index: int) -> Link | None:
+    try:
+        return _link(ipr.link("get", index=index)[0])
+    except NetlinkError:
+        return None
+
+
+def links(ipr: IPRoute) -> list[Link]:
+    return [_link(msg) for msg in ipr.get_links()]
+
+
+def host_ipv4(ipr: IPRoute) -> dict[str, str]:
+    """Every IPv4 address of this host (all interfaces of the namespace) -> its interface name."""
+    names = {lk.index: lk.name for lk in links(ipr)}
+    return {msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"): names.get(msg["index"], "?")
+            for msg in ipr.get_addr(family=2)}
+
+
+def wifi_ipv4(ipr: IPRoute, index: int) -> str | None:
+    for msg in ipr.get_addr(family=2, index=index):
+        return msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+    return None
+
+
+def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
+    """A static bridge FDB entry: frames to `mac` go to `port` only (what `bridge fdb replace ... master static` does)."""
+    ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+
+
+def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:
+    try:
+        ipr.fdb("del", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+    except NetlinkError:
+        pass  # already gone (the port was removed, or the bridge dropped it)
+
+
+def fdb_static_macs(ipr: IPRoute, port: int) -> set[str]:
+    return {msg.get("NDA_LLADDR") for msg in ipr.fdb("dump", ifindex=port)
+            if msg["ifindex"] == port and msg["state"] & NUD_NOARP}
+
+
+class Watcher:
+    """A netlink socket subscribed to link and IPv4 address changes."""
+
+    def __init__(self):
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
+
+    def wait(self, timeout: float, wake_fd: int) -> bool:
+        """Wait up to `timeout` seconds, or until `wake_fd` is readable (a signal arrived).
+
+        True when links or addresses changed; the pending messages are consumed.
+        """
+        changed = False
+        fd = self.ipr.fileno()
+        while True:
+            ready = select.select([fd, wake_fd], [], [], 0 if changed else timeout)[0]
+            if wake_fd in ready:
+                os.read(wake_fd, 512)
+                return changed
+            if fd not in ready:
+                return changed
+            self.ipr.get()
+            changed = True
+
+    def close(self) -> None:
+        self.ipr.close()
