@@ -85,6 +85,11 @@ static __always_inline int is_group(const unsigned char *mac)
     return mac[0] & 1;
 }
 
+static __always_inline int is_zero(const unsigned char *mac)
+{
+    return !(*(const __u32 *)mac | *(const __u16 *)(mac + 4));
+}
+
 static __always_inline __u32 load_ipv4(const unsigned char *p)
 {
     __u32 ip;
@@ -234,7 +239,7 @@ int uplink_egress(struct __sk_buff *skb)
     __builtin_memcpy(dst.addr, eth->h_dest, 6);
     __be16 proto = eth->h_proto;
 
-    if (is_group(src.addr)) {
+    if (is_group(src.addr) || is_zero(src.addr)) {
         count(MACNAT_CNT_DROP_MALFORMED);
         return TC_ACT_SHOT;
     }

@@ -79,7 +79,7 @@ def _find(ipr: IPRoute, wifi: netlink.Link) -> Attachment | None:
     uplink_name, _ = uplink_names(wifi)
     programs.update(tc_programs(uplink_name, "egress"))
     maps = Maps.from_prog_ids(list(programs.values()))
-    config = maps.config()
+    config = maps.current_config()
     bridge = netlink.link_by_index(ipr, config.bridge_ifindex)
     uplink = netlink.link_by_index(ipr, config.uplink_ifindex)
     return Attachment(wifi, bridge, uplink, programs, maps, config)

@@ -206,7 +206,7 @@ def stats(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
 
     result = {}
     for found in _attachments(wifi):
-        result[found.wifi.name] = found.maps.counters()
+        result[found.wifi.name] = found.maps.counter_totals()
         found.close()
     if as_json:
         typer.echo(json.dumps(result, indent=2))

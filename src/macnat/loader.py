@@ -127,7 +127,7 @@ def attach(wifi_name: str, bridge_name: str) -> None:
     with IPRoute() as ipr:
         wifi, bridge = validate(ipr, wifi_name, bridge_name)
         bpf = compile_datapath()
-        fds = {name: bpf.load_func(name, bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
+        fds = {name: bpf.load_func(name.encode(), bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
         try:
             port_name, peer_name = uplink_names(wifi)
             try:
@@ -156,12 +156,12 @@ def attach(wifi_name: str, bridge_name: str) -> None:
                     raise
             ipr.tc("add", "clsact", uplink.index)
 
-            config_fd = bpf["config"].map_fd
+            config_fd = bpf[b"config"].map_fd
             config = Map("config", config_fd, bpfsys.map_info(config_fd))
             config.update(u32(0), Config(wifi_mac=mac_bytes(wifi.mac), wifi_ifindex=wifi.index,
                                          bridge_ifindex=bridge.index, uplink_ifindex=uplink.index,
                                          flags=created_clsact))
-            host_fd = bpf["host_ipv4"].map_fd
+            host_fd = bpf[b"host_ipv4"].map_fd
             host = Map("host_ipv4", host_fd, bpfsys.map_info(host_fd))
             for ip in netlink.host_ipv4(ipr):
                 host.update(ip_key(ip), u8(1))

@@ -73,7 +73,7 @@ class Manager:
 
     # ---- start-up -------------------------------------------------------------------------
     def start(self) -> None:
-        config = self.maps.config()
+        config = self.maps.current_config()
         self.lan_fdb = netlink.fdb_static_macs(self.ipr, self.attachment.uplink.index) - {mac_str(config.wifi_mac)}
         self.known = {ip_str(k): mac_str(v.mac) for k, v in self.maps.bindings.items()}
         self.refused = {ip_str(k): v.count for k, v in self.maps.refusals.items()}
@@ -112,7 +112,7 @@ class Manager:
         self.host_addrs = wanted
 
     def follow_wifi_mac(self) -> None:
-        config = self.maps.config()
+        config = self.maps.current_config()
         wifi = netlink.link_by_index(self.ipr, self.attachment.wifi.index)
         old = mac_str(config.wifi_mac)
         if wifi is None or wifi.mac == old:
@@ -163,7 +163,7 @@ class Manager:
         last = self.probed_at.get(ip)
         if last is not None and time.monotonic() - last < self.settings.probe_interval:
             return
-        config = self.maps.config()
+        config = self.maps.current_config()
         sender = netlink.wifi_ipv4(self.ipr, self.attachment.wifi.index) or "0.0.0.0"
         frame = arp_request(bytes(binding.mac), bytes(config.wifi_mac), socket.inet_aton(sender), socket.inet_aton(ip))
         try:
@@ -239,7 +239,7 @@ class Manager:
         self.detach()
 
     def detach(self) -> None:
-        config = self.maps.config()
+        config = self.maps.current_config()
         loader.detach(self.attachment.wifi.index, self.attachment.uplink.index if self.attachment.uplink else None,
                       bool(config.flags & constants.CFG_CREATED_CLSACT))
         self.close()

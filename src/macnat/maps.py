@@ -160,10 +160,10 @@ class Maps:
         for m in self.by_name.values():
             os.close(m.fd)
 
-    def config(self) -> Config:
+    def current_config(self) -> Config:
         return self.by_name["config"].lookup(u32(0))
 
-    def counters(self) -> dict[str, int]:
+    def counter_totals(self) -> dict[str, int]:
         out = {}
         for name, index in constants.COUNTER_INDEX.items():
             per_cpu = self.by_name["counters"].lookup(u32(index))

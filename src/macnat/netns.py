@@ -6,15 +6,27 @@ tests exercise is what a user sees.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from macnat.errors import MacnatError
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
@@ -95,6 +107,19 @@ class Namespace:
         if self.exists():
             self.kill_all()
             run("ip", "netns", "del", self.name)
+
+    @contextmanager
+    def entered(self):
+        """Move the calling thread into this namespace for the duration of the block.
+
+        BPF_PROG_TEST_RUN resolves (and really transmits on) ifindexes in the caller's namespace.
+        """
+        with open("/proc/self/ns/net") as original, open(f"/run/netns/{self.name}") as target:
+            _setns(target.fileno())
+            try:
+                yield self
+            finally:
+                _setns(original.fileno())
 
     def ip(self, *args: str) -> str:
         return self.run("ip", *args).stdout
