@@ -65,7 +65,7 @@ def attach(
 
     from pyroute2 import IPRoute
 
-    from macnat import attachment, constants, loader, netlink
+    from macnat import attachment, constants, loader
     from macnat.manager import Manager, Settings
 
     require_root()
@@ -76,7 +76,8 @@ def attach(
                         format="%(asctime)s macnat: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("macnat")
     with IPRoute() as ipr:
-        lock = attachment.ManagerLock(netlink.link(ipr, wifi))
+        wifi_link, _ = loader.validate(ipr, wifi, bridge)
+        lock = attachment.ManagerLock(wifi_link)
         if not lock.acquire():
             raise MacnatError(f"'{wifi}' is already attached and managed by pid {lock.holder()} "
                               f"(macnat detach {wifi} stops it)")
@@ -110,9 +111,8 @@ def _load(ipr, wifi: str, bridge: str):
     """Compile and attach in a child process, so this long-running one never loads LLVM."""
     import subprocess
 
-    from macnat import attachment, loader
+    from macnat import attachment
 
-    loader.validate(ipr, wifi, bridge)
     proc = subprocess.run([sys.executable, "-m", "macnat.loader", wifi, bridge], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("macnat: error: ")]

@@ -137,7 +137,7 @@ def _start_dnsmasq(knobs: Knobs) -> None:
         f"--interface={ROUTER.ifname}", "--bind-interfaces", "--dhcp-authoritative", "--no-ping",
         f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,1h",
         f"--dhcp-option=option:router,{GATEWAY}",
-        f"--dhcp-leasefile={STATE_DIR / 'dnsmasq.leases'}", "--log-dhcp",
+        f"--dhcp-leasefile={STATE_DIR / 'dnsmasq.leases'}", "--log-dhcp", "--log-facility=-",
         f"--pid-file={STATE_DIR / 'dnsmasq.pid'}",
     ]
     if knobs.ipv6:
@@ -170,19 +170,21 @@ def _write_dhclient_files() -> None:
     script = STATE_DIR / "dhclient-script"
     script.write_text(DHCLIENT_SCRIPT)
     script.chmod(0o755)
-    (STATE_DIR / "dhclient.conf").write_text(
-        f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
-        "request subnet-mask, broadcast-address, routers;\n")
 
 
-def dhcp(vm: str) -> str | None:
+def dhcp(vm: str, renew_after: int | None = None) -> str | None:
     """Run the VM's real DHCP client once; the leased address, or None if it got none in DHCP_TIMEOUT.
 
-    On success dhclient stays in the background and renews, as in a real VM.
+    On success dhclient stays in the background and renews (after `renew_after` seconds if given,
+    else at the server's T1), as in a real VM.
     """
     host = VMS[vm]
     release(vm)
-    proc = host.ns.run("dhclient", "-1", "-v", "-cf", str(STATE_DIR / "dhclient.conf"),
+    conf = STATE_DIR / f"dhclient-{vm}.conf"
+    conf.write_text(f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
+                    "request subnet-mask, broadcast-address, routers;\n"
+                    + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else ""))
+    proc = host.ns.run("dhclient", "-1", "-v", "-cf", str(conf),
                        "-sf", str(STATE_DIR / "dhclient-script"),
                        "-pf", str(STATE_DIR / f"dhclient-{vm}.pid"),
                        "-lf", str(STATE_DIR / f"dhclient-{vm}.leases"), host.ifname,
