@@ -11,7 +11,8 @@ import time
 import pytest
 
 from macnat import lab
-from nettest import MACNAT, RunningManager, macnat, neighbours, ping, tcp_transfer
+from macnat.lab import MACNAT, RunningManager, macnat, neighbours, ping
+from nettest import tcp_transfer
 
 VM1, VM2 = lab.VMS["vm1"], lab.VMS["vm2"]
 

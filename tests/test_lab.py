@@ -3,16 +3,13 @@ through a 4-address AP; the AP's drop counters say why."""
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 from scapy.all import ARP, Ether
 
 from macnat import lab
 from macnat.netns import names
-from nettest import capture, ping
-
-MACNAT = str(Path(sys.executable).parent / "macnat")
+from macnat.lab import MACNAT, ping
+from nettest import capture
 
 
 def lab_processes() -> list[str]:
@@ -75,3 +72,16 @@ def test_ap_can_deliver_broadcast_as_unicast_to_the_station(fresh_lab):
         lab.LANHOST.ns.run("ping", "-c1", "-W1", "192.168.77.99", check=False)
     requests = [p for p in packets if ARP in p and p[ARP].op == 1 and p[ARP].pdst == "192.168.77.99"]
     assert requests and all(p[Ether].dst == lab.LAPTOP.mac for p in requests)
+
+
+def test_demo_shows_the_problem_and_macnat_fixing_it():
+    demo = subprocess.run([MACNAT, "lab", "demo"], capture_output=True, text=True, timeout=120)
+    try:
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        out = demo.stdout
+        assert "✓ vm1 got no lease" in out and "frames from source MACs it has not associated" in out
+        assert "leased 192.168.77." in out and "✓ ping LAN host -> vm2" in out
+        assert "Verdict: plain bridging fails through a Wi-Fi AP; with macnat the VMs are full hosts of the LAN" in out
+        assert "✗" not in out
+    finally:
+        lab.down()

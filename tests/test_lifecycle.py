@@ -11,7 +11,7 @@ import time
 import pytest
 
 from macnat import lab
-from nettest import MACNAT, RunningManager, macnat, ping
+from macnat.lab import MACNAT, RunningManager, macnat, ping
 from test_attach import VM1, VM2, counters, macnat_objects, table
 
 

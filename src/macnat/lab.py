@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -268,6 +271,57 @@ def down() -> None:
         if name.startswith(PREFIX):
             Namespace(name).delete()
     shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+def ping(ns: Namespace, target: str, count: int = 1, timeout: float = 2) -> bool:
+    """True when every one of `count` echo requests was answered."""
+    proc = ns.run("ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(timeout), target,
+                  check=False, timeout=count * 0.2 + timeout + 5)
+    return proc.returncode == 0
+
+
+def neighbours(ns: Namespace) -> dict[str, str]:
+    """IP -> MAC of the namespace's neighbour table (reachable or stale entries only)."""
+    out = json.loads(ns.ip("-j", "neigh", "show"))
+    return {n["dst"]: n["lladdr"] for n in out if "lladdr" in n}
+
+
+# The CLI beside this interpreter: the venv's console script, as a user runs it.
+MACNAT = str(Path(sys.executable).parent / "macnat")
+
+
+def macnat(*args: str, ns: Namespace | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the macnat CLI (by default in the laptop's namespace, as a user on the laptop would)."""
+    proc = subprocess.run((ns or LAPTOP.ns).exec_argv(MACNAT, *args), capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise MacnatError(f"macnat {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+class RunningManager:
+    """`macnat attach wlan0 vmbr0 ...` running in the laptop's namespace, its log in a file."""
+
+    def __init__(self, *args: str, log: Path):
+        self.log = log
+        self.proc = LAPTOP.ns.spawn(MACNAT, "attach", LAPTOP.ifname, BRIDGE, *args, log=log)
+        deadline = time.monotonic() + 30
+        while not self._managing():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise MacnatError(f"macnat attach did not come up: {self.text().strip()}")
+            time.sleep(0.1)
+
+    def _managing(self) -> bool:
+        status = macnat("status", "--json", check=False)
+        return status.returncode == 0 and any(a["manager_pid"] == self.proc.pid for a in json.loads(status.stdout))
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
 
 
 def status() -> dict:
