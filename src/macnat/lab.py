@@ -301,9 +301,9 @@ def macnat(*args: str, ns: Namespace | None = None, check: bool = True) -> subpr
 class RunningManager:
     """`macnat attach wlan0 vmbr0 ...` running in the laptop's namespace, its log in a file."""
 
-    def __init__(self, *args: str, log: Path):
+    def __init__(self, *args: str, log: Path, executable: str = MACNAT):
         self.log = log
-        self.proc = LAPTOP.ns.spawn(MACNAT, "attach", LAPTOP.ifname, BRIDGE, *args, log=log)
+        self.proc = LAPTOP.ns.spawn(executable, "attach", LAPTOP.ifname, BRIDGE, *args, log=log)
         deadline = time.monotonic() + 30
         while not self._managing():
             if self.proc.poll() is not None or time.monotonic() > deadline:
