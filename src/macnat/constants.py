@@ -34,7 +34,7 @@ BINDING_STATIC = 1          # set by the user; never aged, never moved by learni
 CFG_CREATED_CLSACT = 1      # the loader created wifi's clsact qdisc, so detach may remove it
 
 # cls_bpf filters: an explicit priority and handle, so macnat finds and removes only its own.
-TC_PRIO = 0xC0DE & 0x7FFF
+TC_PRIO = 0x40DE  # an unusual priority: other tools sharing the clsact keep theirs
 TC_HANDLE = 0x1
 PROGRAMS = {  # function in bpf/macnat.c -> (device role, hook)
     "wifi_ingress": ("wifi", "ingress"),
