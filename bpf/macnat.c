@@ -157,6 +157,28 @@ static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
     return 0;
 }
 
+/* (Re)bind ip to mac, given what bindings held for it. 0, or -1 when the address is refused. */
+static __always_inline int bind_ipv4(__u32 ip, const struct mac_addr *mac, __u64 now, struct binding *known,
+                                     __u64 packets, __u64 bytes)
+{
+    if (host_ipv4.lookup(&ip)) {
+        refuse(ip, mac, MACNAT_CNT_REFUSED_HOST_IP, now);
+        return -1;
+    }
+    if (known && (known->flags & MACNAT_BINDING_STATIC)) {
+        refuse(ip, mac, MACNAT_CNT_REFUSED_STATIC, now);
+        return -1;
+    }
+    struct binding fresh = { .last_seen_ns = now, .tx_packets = packets, .tx_bytes = bytes };
+    __builtin_memcpy(fresh.mac, mac->addr, 6);
+    if (bindings.update(&ip, &fresh)) {
+        count(MACNAT_CNT_DROP_TABLE_FULL);
+        return -1;
+    }
+    count(known ? MACNAT_CNT_MOVED_IP : MACNAT_CNT_LEARNED_IP);
+    return 0;
+}
+
 /* Bind a VM's IPv4 source address to its MAC. 0, or -1 when the frame must be dropped. */
 static __always_inline int learn_ipv4(__u32 ip, const struct mac_addr *mac, __u64 now, __u32 len)
 {
@@ -167,22 +189,7 @@ static __always_inline int learn_ipv4(__u32 ip, const struct mac_addr *mac, __u6
         __sync_fetch_and_add(&known->tx_bytes, len);
         return 0;
     }
-    if (host_ipv4.lookup(&ip)) {
-        refuse(ip, mac, MACNAT_CNT_REFUSED_HOST_IP, now);
-        return -1;
-    }
-    if (known && (known->flags & MACNAT_BINDING_STATIC)) {
-        refuse(ip, mac, MACNAT_CNT_REFUSED_STATIC, now);
-        return -1;
-    }
-    struct binding fresh = { .last_seen_ns = now, .tx_packets = 1, .tx_bytes = len };
-    __builtin_memcpy(fresh.mac, mac->addr, 6);
-    if (bindings.update(&ip, &fresh)) {
-        count(MACNAT_CNT_DROP_TABLE_FULL);
-        return -1;
-    }
-    count(known ? MACNAT_CNT_MOVED_IP : MACNAT_CNT_LEARNED_IP);
-    return 0;
+    return bind_ipv4(ip, mac, now, known, 1, len);
 }
 
 static __always_inline int usable_ipv4_source(__u32 ip)
@@ -213,6 +220,84 @@ static __always_inline void set_dhcp_broadcast(struct __sk_buff *skb, __u32 l4_o
                         BPF_F_MARK_MANGLED_0 | sizeof(flags));
     bpf_skb_store_bytes(skb, bootp + BOOTP_FLAGS_OFF, &with_broadcast, sizeof(with_broadcast), 0);
     count(MACNAT_CNT_DHCP_FLAG_SET);
+}
+
+/* The fixed head of a BOOTP message (RFC 951), up to chaddr. */
+struct bootp_head {
+    __u8 op;
+    __u8 htype;
+    __u8 hlen;
+    __u8 hops;
+    __be32 xid;
+    __be16 secs;
+    __be16 flags;
+    __be32 ciaddr;
+    __be32 yiaddr;
+    __be32 siaddr;
+    __be32 giaddr;
+    unsigned char chaddr[16];
+} __attribute__((packed));
+
+#define BOOTP_OPTIONS_OFF 240   /* 236 bytes of fixed fields, then the 4-byte magic cookie */
+#define DHCP_OPT_PAD 0
+#define DHCP_OPT_END 255
+#define DHCP_OPT_MESSAGE_TYPE 53
+#define DHCP_ACK 5
+#define DHCP_MAX_OPTIONS_SCANNED 16
+
+/* A server's DHCPACK to one of the VMs binds the leased address at once: the VM is reachable from
+ * the LAN before it has sent anything from that address. */
+static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, __u32 l4_off)
+{
+    struct udphdr udp;
+    struct bootp_head head;
+
+    if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) ||
+        udp.source != DHCP_SERVER_PORT_BE || udp.dest != DHCP_CLIENT_PORT_BE)
+        return;
+    __u32 bootp = l4_off + sizeof(udp);
+    if (bpf_skb_load_bytes(skb, bootp, &head, sizeof(head)) || head.op != 2 || head.htype != 1 ||
+        head.hlen != 6 || !usable_ipv4_source(head.yiaddr))
+        return;
+    struct mac_addr mac;
+    __builtin_memcpy(mac.addr, head.chaddr, 6);
+    if (!vm_macs.lookup(&mac))
+        return;
+
+    __u32 off = bootp + BOOTP_OPTIONS_OFF;
+    for (int i = 0; i < DHCP_MAX_OPTIONS_SCANNED; i++) {
+        __u8 option[3];
+        if (bpf_skb_load_bytes(skb, off, option, 1))
+            return;
+        if (option[0] == DHCP_OPT_PAD) {
+            off += 1;
+            continue;
+        }
+        if (option[0] == DHCP_OPT_END || bpf_skb_load_bytes(skb, off, option, 3))
+            return;
+        if (option[0] == DHCP_OPT_MESSAGE_TYPE) {
+            if (option[1] == 1 && option[2] == DHCP_ACK) {
+                __u64 now = bpf_ktime_get_coarse_ns();
+                struct binding *known = bindings.lookup(&head.yiaddr);
+                if (known && mac_eq(known->mac, mac.addr))
+                    touch(&known->last_seen_ns, now);
+                else
+                    bind_ipv4(head.yiaddr, &mac, now, known, 0, 0);
+            }
+            return;
+        }
+        off += 2 + option[1];
+    }
+}
+
+/* Offset of the UDP header of an unfragmented IPv4/UDP frame, or 0. */
+static __always_inline __u32 ipv4_udp_offset(struct __sk_buff *skb)
+{
+    struct iphdr iph;
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &iph, sizeof(iph)) || iph.ihl < 5 ||
+        iph.protocol != IPPROTO_UDP || (iph.frag_off & IP_FRAGMENT_MASK_BE))
+        return 0;
+    return sizeof(struct ethhdr) + iph.ihl * 4;
 }
 
 /* Everything the bridge sends towards the LAN: from the VMs. */
@@ -306,12 +391,18 @@ int uplink_egress(struct __sk_buff *skb)
 }
 
 /* Copy a group frame to the VMs (through the bridge) and let the host have it too. A VM's own
- * group frame, handed to the host by uplink_egress, already reached the other VMs. */
+ * group frame, handed to the host by uplink_egress, already reached the other VMs. A DHCPACK for a
+ * VM (broadcast, thanks to the flag uplink_egress set) binds its address on the way. */
 static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
                                            const struct mac_addr *src)
 {
     if (vm_macs.lookup((struct mac_addr *)src))
         return TC_ACT_OK;
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        __u32 l4_off = ipv4_udp_offset(skb);
+        if (l4_off)
+            learn_from_dhcp_ack(skb, l4_off);
+    }
     bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
     count(MACNAT_CNT_GROUP_TO_VMS);
     return TC_ACT_OK;

@@ -17,6 +17,15 @@ from nettest import tcp_transfer
 VM1, VM2 = lab.VMS["vm1"], lab.VMS["vm2"]
 
 
+def wait_for(predicate, timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 def table() -> dict[str, dict]:
     return {row["ip"]: row for row in json.loads(macnat("table", "--json").stdout)}
 
@@ -53,6 +62,9 @@ def test_both_vms_get_distinct_leases_from_the_lan_server(attached):
     served = (lab.STATE_DIR / "dnsmasq.leases").read_text()
     assert VM1.mac in served and VM2.mac in served, "dnsmasq leased to the VMs' own MACs (chaddr kept)"
     assert counters()["dhcp_flag_set"] >= 2
+    rows = table()  # nothing has been sent from the leased addresses yet: the ACKs bound them
+    assert rows[leases["vm1"]]["mac"] == VM1.mac and rows[leases["vm1"]]["tx_packets"] == 0
+    assert rows[leases["vm2"]]["mac"] == VM2.mac
 
 
 def test_pings_in_every_direction(attached):
@@ -111,14 +123,10 @@ def test_status_and_stats_report_the_attachment(attached):
 
 def test_lan_macs_become_fdb_entries_on_the_uplink(attached):
     assert ping(VM1.ns, lab.LANHOST.ip)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        fdb = lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", "mn-wlan0").stdout
-        if lab.LANHOST.mac in fdb:
-            break
-        time.sleep(0.2)
-    assert f"{lab.LANHOST.mac} master vmbr0 static" in fdb
-    assert f"{lab.LAPTOP.mac} master vmbr0 static" in fdb
+    fdb = lambda: lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", "mn-wlan0").stdout
+    assert wait_for(lambda: lab.LANHOST.mac in fdb(), timeout=5)
+    assert f"{lab.LANHOST.mac} master vmbr0 static" in fdb()
+    assert f"{lab.LAPTOP.mac} master vmbr0 static" in fdb()
 
 
 def test_a_vm_claiming_the_hosts_address_is_refused(attached):
@@ -127,14 +135,30 @@ def test_a_vm_claiming_the_hosts_address_is_refused(attached):
     try:
         VM2.ns.run("ping", "-c1", "-W1", "-I", lab.LAPTOP.ip, lab.LANHOST.ip, check=False)
         assert counters()["refused_host_ip"] >= 1
-        deadline = time.monotonic() + 5
-        while f"claims {lab.LAPTOP.ip}" not in manager.text() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert wait_for(lambda: f"claims {lab.LAPTOP.ip}" in manager.text(), timeout=5)
         assert f"refused: VM {VM2.mac} claims {lab.LAPTOP.ip}, an address of this host (wlan0)" in manager.text()
         assert lab.LAPTOP.ip not in table()
         assert ping(lab.LANHOST.ns, lab.LAPTOP.ip), "the host keeps its address"
     finally:
         VM2.ns.ip("addr", "del", f"{lab.LAPTOP.ip}/32", "dev", "eth0")
+
+
+def test_an_address_the_host_gains_later_is_protected_too(attached):
+    manager, _ = attached
+    taken = "192.168.77.12"
+    VM2.ns.ip("addr", "add", f"{taken}/32", "dev", "eth0")
+    try:
+        VM2.ns.run("ping", "-c1", "-W1", "-I", taken, lab.LANHOST.ip, check=False)
+        assert table()[taken]["mac"] == VM2.mac
+        lab.LAPTOP.ns.ip("addr", "add", f"{taken}/24", "dev", "wlan0")  # the host takes it, seen over netlink
+        assert wait_for(lambda: taken not in table(), timeout=3)
+        assert f"{taken} is now an address of this host (wlan0): removed its binding to VM {VM2.mac}" in manager.text()
+        before = counters()["refused_host_ip"]
+        VM2.ns.run("ping", "-c1", "-W1", "-I", taken, lab.LANHOST.ip, check=False)
+        assert counters()["refused_host_ip"] > before and taken not in table()
+    finally:
+        VM2.ns.ip("addr", "del", f"{taken}/32", "dev", "eth0")
+        lab.LAPTOP.ns.run("ip", "addr", "del", f"{taken}/24", "dev", "wlan0", check=False)
 
 
 def test_no_first_frame_is_lost_for_a_new_address(attached):

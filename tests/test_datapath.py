@@ -318,6 +318,38 @@ def test_vm_group_frame_handed_to_the_host_is_not_copied_back_to_the_vms(datapat
     assert rc == TC_ACT_OK and out == frame and moved == {}
 
 
+def dhcp_reply(message_type: str, chaddr: str, yiaddr: str = VM_IP, leading_options=()) -> bytes:
+    return bytes(Ether(src=LAN_MAC, dst=BROADCAST) / IP(src=LAN_IP, dst="255.255.255.255") / UDP(sport=67, dport=68)
+                 / BOOTP(op=2, yiaddr=yiaddr, chaddr=mac_bytes(chaddr), xid=0x1234, flags=0x8000)
+                 / DHCP(options=[*leading_options, ("message-type", message_type), ("server_id", LAN_IP), "end"]))
+
+
+@pytest.mark.parametrize("leading_options", [(), ("pad", "pad", ("subnet_mask", "255.255.255.0"), ("router", LAN_IP))],
+                         ids=["type-first", "type-after-others"])
+def test_dhcp_ack_for_a_vm_binds_its_address_at_once(datapath, leading_options):
+    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+    frame = dhcp_reply("ack", VM_MAC, leading_options=leading_options)
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_OK and out == frame and moved == {"learned_ip": 1, "group_to_vms": 1}
+    b = datapath.binding(VM_IP)
+    assert maps.mac_str(b.mac) == VM_MAC and b.tx_packets == 0
+
+
+@pytest.mark.parametrize("message_type, chaddr", [("offer", VM_MAC), ("ack", VM2_MAC)], ids=["offer", "not-a-vm"])
+def test_dhcp_replies_that_do_not_bind(datapath, message_type, chaddr):
+    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+    rc, _, moved = datapath.run("wifi_ingress", dhcp_reply(message_type, chaddr))
+    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1}
+    assert datapath.binding(VM_IP) is None
+
+
+def test_dhcp_ack_handing_a_vm_the_hosts_address_is_refused(datapath):
+    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+    rc, _, moved = datapath.run("wifi_ingress", dhcp_reply("ack", VM_MAC, yiaddr=HOST_IP))
+    assert rc == TC_ACT_OK and moved == {"refused_host_ip": 1, "group_to_vms": 1}
+    assert datapath.binding(HOST_IP) is None
+
+
 # ---- host -> VM (wifi_egress) -----------------------------------------------------------------
 
 def test_host_unicast_to_a_vm_goes_into_the_bridge(datapath):

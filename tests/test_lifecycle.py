@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-import time
 
 import pytest
 
 from macnat import lab
 from macnat.lab import MACNAT, RunningManager, macnat, ping
-from test_attach import VM1, VM2, counters, macnat_objects, table
-
-
-def wait_for(predicate, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+from test_attach import VM1, VM2, counters, macnat_objects, table, wait_for
 
 
 def test_ageing_keeps_live_vms_through_probes_and_removes_silent_ones(fresh_lab, tmp_path):
@@ -40,6 +31,33 @@ def test_ageing_keeps_live_vms_through_probes_and_removes_silent_ones(fresh_lab,
     finally:
         assert manager.stop() == 0
     assert macnat_objects() == {"filters": "", "clsact": False, "uplink": []}
+
+
+def test_wifi_mac_change_is_followed(fresh_lab, tmp_path):
+    manager = RunningManager(log=tmp_path / "manager.log")
+    try:
+        ip = lab.dhcp("vm1")
+        assert ping(lab.LANHOST.ns, ip)
+        new_mac = "02:4d:4e:00:00:0b"
+        lab.reassociate(new_mac)  # the station comes back with another MAC (MAC randomisation)
+        assert wait_for(lambda: f"changed its MAC from {lab.LAPTOP.mac} to {new_mac}" in manager.text(), timeout=5)
+        lab.LANHOST.ns.ip("neigh", "flush", "dev", "eth0")
+        assert ping(lab.LANHOST.ns, ip) and ping(VM1.ns, lab.LANHOST.ip)
+        assert lab.neighbours(lab.LANHOST.ns)[ip] == new_mac
+        (status,) = json.loads(macnat("status", "--json").stdout)
+        assert status["wifi_mac"] == new_mac
+        assert lab.ap_drops() == {"from_unassociated": 0, "to_unassociated": 0}
+    finally:
+        assert manager.stop() == 0
+
+
+def test_detach_removes_an_attachment_whose_manager_died(fresh_lab, tmp_path):
+    manager = RunningManager(log=tmp_path / "manager.log")
+    manager.stop(signal.SIGKILL)
+    assert macnat("detach", "wlan0").stdout.strip() == "detached from wlan0"
+    assert macnat_objects() == {"filters": "", "clsact": False, "uplink": []}
+    proc = macnat("detach", check=False)
+    assert proc.returncode == 1 and "not attached" in proc.stderr
 
 
 def test_dhcp_renewal_is_answered(fresh_lab, tmp_path):

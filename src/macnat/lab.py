@@ -70,6 +70,7 @@ class Knobs:
     ap_filter: bool = True
     mcast_to_ucast: bool = False
     ipv6: bool = False
+    station_mac: str = LAPTOP.mac     # the MAC the AP has associated
 
 
 def namespaces() -> list[Namespace]:
@@ -224,11 +225,11 @@ def set_ap(knobs: Knobs) -> None:
     """Install the access point's behaviour towards the station (replacing what was there)."""
     rules = []
     if knobs.mcast_to_ucast:
-        rules.append(f'oifname "air" meta pkttype {{ broadcast, multicast }} ether daddr set {LAPTOP.mac}')
+        rules.append(f'oifname "air" meta pkttype {{ broadcast, multicast }} ether daddr set {knobs.station_mac}')
     if knobs.ap_filter:
-        rules.append(f'iifname "air" ether saddr != {LAPTOP.mac} counter name "from_unassociated" drop')
+        rules.append(f'iifname "air" ether saddr != {knobs.station_mac} counter name "from_unassociated" drop')
         rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
-                     f'ether daddr != {LAPTOP.mac} counter name "to_unassociated" drop')
+                     f'ether daddr != {knobs.station_mac} counter name "to_unassociated" drop')
     body = "\n".join(f"    {r}" for r in rules)
     AP.run("nft", "-f", "-", input=f"""
 table bridge {AP_TABLE}
@@ -244,6 +245,14 @@ table bridge {AP_TABLE} {{
 """)
     if STATE_DIR.exists():
         (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+
+
+def reassociate(mac: str) -> None:
+    """The station comes back with another MAC (as with MAC randomisation) and the AP associates it."""
+    LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "address", mac)
+    current = knobs() or Knobs()
+    current.station_mac = mac
+    set_ap(current)
 
 
 def ap_drops() -> dict[str, int]:
