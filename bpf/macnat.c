@@ -398,7 +398,13 @@ static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_
 {
     if (vm_macs.lookup((struct mac_addr *)src))
         return TC_ACT_OK;
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+        /* A LAN host asking for a VM will get its answer by unicast: install its MAC for the bridge. */
+        __u32 tpa;
+        if (!bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tpa), &tpa, 4) &&
+            bindings.lookup(&tpa))
+            note_lan_mac(src->addr, bpf_ktime_get_coarse_ns());
+    } else if (skb->protocol == bpf_htons(ETH_P_IP)) {
         __u32 l4_off = ipv4_udp_offset(skb);
         if (l4_off)
             learn_from_dhcp_ack(skb, l4_off);

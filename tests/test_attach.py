@@ -4,13 +4,16 @@ laptop's namespace): VMs become full hosts of the emulated Wi-Fi LAN."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from macnat import lab
+from macnat.attachment import RUN_DIR
 from macnat.lab import MACNAT, RunningManager, macnat, neighbours, ping
 from nettest import tcp_transfer
 
@@ -32,6 +35,11 @@ def table() -> dict[str, dict]:
 
 def counters() -> dict[str, int]:
     return json.loads(macnat("stats", "--json").stdout)["wlan0"]
+
+
+def lock_file() -> Path:
+    """The manager's lock for the lab's wlan0 (keyed by the laptop namespace's inode)."""
+    return RUN_DIR / f"{os.stat(f'/run/netns/{lab.LAPTOP.ns.name}').st_ino}-wlan0.lock"
 
 
 def macnat_objects() -> dict:
@@ -239,7 +247,7 @@ def test_sigterm_detaches_and_leaves_nothing(attached):
     assert macnat_objects() == {"filters": "", "clsact": False, "uplink": []}
     for prog_id in status["programs"].values():
         assert subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True).returncode != 0
-    assert not list(lab.LAPTOP.ns.run("ls", "/run").stdout.split()).count("macnat")
+    assert not lock_file().exists()
     assert lab.LAPTOP.ns.run("bridge", "fdb", "show", "br", "vmbr0").stdout.count("static") == 0
     assert macnat("status").stdout.strip() == "macnat is not attached in this network namespace"
     assert not ping(VM1.ns, lab.LANHOST.ip, timeout=1), "without macnat the AP drops the VM's frames again"

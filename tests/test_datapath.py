@@ -279,6 +279,7 @@ def test_arp_reply_for_a_vm_gets_its_mac_back(datapath):
 
 
 def test_broadcast_from_wifi_reaches_the_vms_and_the_host(datapath):
+    datapath.bind(VM_IP, VM_MAC)
     frame = bytes(Ether(src=LAN_MAC, dst=BROADCAST) / ARP(op=1, hwsrc=LAN_MAC, psrc=LAN_IP, pdst=VM_IP))
     vm_side = Sniffer("vmA")
     try:
@@ -288,6 +289,7 @@ def test_broadcast_from_wifi_reaches_the_vms_and_the_host(datapath):
         vm_side.close()
     assert rc == TC_ACT_OK and out == frame and moved == {"group_to_vms": 1}
     assert len(at_vm) == 1
+    assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None, "the asker's MAC is noted for the FDB"
 
 
 def test_host_traffic_from_wifi_is_untouched(datapath):

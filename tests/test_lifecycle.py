@@ -12,7 +12,7 @@ import pytest
 
 from macnat import lab
 from macnat.lab import MACNAT, RunningManager, macnat, ping
-from test_attach import VM1, VM2, counters, macnat_objects, table, wait_for
+from test_attach import VM1, VM2, counters, lock_file, macnat_objects, table, wait_for
 
 
 def test_ageing_keeps_live_vms_through_probes_and_removes_silent_ones(fresh_lab, tmp_path):
@@ -54,8 +54,10 @@ def test_wifi_mac_change_is_followed(fresh_lab, tmp_path):
 def test_detach_removes_an_attachment_whose_manager_died(fresh_lab, tmp_path):
     manager = RunningManager(log=tmp_path / "manager.log")
     manager.stop(signal.SIGKILL)
+    assert lock_file().exists(), "a killed manager cannot remove its lock file"
     assert macnat("detach", "wlan0").stdout.strip() == "detached from wlan0"
     assert macnat_objects() == {"filters": "", "clsact": False, "uplink": []}
+    assert not lock_file().exists()
     proc = macnat("detach", check=False)
     assert proc.returncode == 1 and "not attached" in proc.stderr
 

@@ -9,6 +9,7 @@ and every command finds the same objects from any mount namespace, including thr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -127,10 +128,18 @@ class ManagerLock:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
-            try:
-                RUN_DIR.rmdir()
-            except OSError:
-                pass  # another manager's lock is still there
+            self._remove_empty_dir()
+
+    def discard_if_stale(self) -> None:
+        """Remove the lock file a killed manager left behind (nobody holds it any more)."""
+        if self.path.exists() and self.holder() is None:
+            self.path.unlink(missing_ok=True)
+            self._remove_empty_dir()
+
+    @staticmethod
+    def _remove_empty_dir() -> None:
+        with contextlib.suppress(OSError):  # another namespace's manager still has its lock there
+            RUN_DIR.rmdir()
 
     def holder(self) -> int | None:
         """PID of the running manager, or None when no manager holds the lock."""

@@ -162,15 +162,20 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: SkBuffCtx | N
     return TestRun(attr.retval, out.raw[:attr.data_size_out], attr.duration)
 
 
-def map_lookup(fd: int, key: ctypes.Array | ctypes.Structure | ctypes._SimpleCData, value) -> bool:
-    attr = _MapElemAttr(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+def _found(cmd: int, attr: ctypes.Structure) -> bool:
+    """Run a map command; False where the kernel says the element is not there (ENOENT)."""
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+        _bpf(cmd, attr)
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return False
         raise
     return True
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    return _found(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key),
+                                                    value=ctypes.addressof(value)))
 
 
 def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
@@ -179,23 +184,10 @@ def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
 
 
 def map_delete(fd: int, key) -> bool:
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key)))
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key)))
 
 
 def map_next_key(fd: int, key, next_key) -> bool:
     """Fill next_key with the key after `key` (or the first key when key is None); False at the end."""
-    attr = _MapElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
-                        value=ctypes.addressof(next_key))
-    try:
-        _bpf(BPF_MAP_GET_NEXT_KEY, attr)
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
+                                                     value=ctypes.addressof(next_key)))

@@ -54,7 +54,7 @@ def attach(
     wifi: Annotated[str, typer.Argument(help="The Wi-Fi station interface, e.g. wlan0")],
     bridge: Annotated[str, typer.Argument(help="The bridge the VMs are on, e.g. vmbr0")],
     age: Annotated[float, typer.Option(help="Seconds a learned binding lives without traffic (probed before)")] = 300,
-    static: Annotated[list[str], typer.Option(help="A static binding IP=MAC (repeatable)")] = [],
+    static: Annotated[Optional[list[str]], typer.Option(help="A static binding IP=MAC (repeatable)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log probes")] = False,
 ) -> None:
     """Attach macnat between WIFI and BRIDGE and manage it in the foreground until SIGTERM/SIGINT.
@@ -71,7 +71,7 @@ def attach(
     require_root()
     if age <= 0:
         raise MacnatError("--age must be positive")
-    settings = Settings(age=age, statics=parse_statics(static))
+    settings = Settings(age=age, statics=parse_statics(static or []))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s macnat: %(message)s", datefmt="%H:%M:%S")
     log = logging.getLogger("macnat")
@@ -137,15 +137,17 @@ def detach(wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interfa
         if not targets:
             raise MacnatError("macnat is not attached to anything in this network namespace")
         for found in targets:
-            pid = attachment.ManagerLock(found.wifi).holder()
+            lock = attachment.ManagerLock(found.wifi)
+            pid = lock.holder()
             if pid and pid > 0:
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 10
-                while attachment.ManagerLock(found.wifi).holder() and time.monotonic() < deadline:
+                while lock.holder() and time.monotonic() < deadline:
                     time.sleep(0.02)
             if attachment.find(ipr, found.wifi.name):  # no manager, or it did not finish
                 loader.detach(found.wifi.index, found.uplink.index if found.uplink else None,
                               bool(found.config.flags & constants.CFG_CREATED_CLSACT))
+            lock.discard_if_stale()
             found.close()
             typer.echo(f"detached from {found.wifi.name}")
 

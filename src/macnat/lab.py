@@ -201,7 +201,7 @@ def dhcp(vm: str, renew_after: int | None = None) -> str | None:
 def dhcp_all() -> dict[str, str | None]:
     """dhcp() for every VM at once, as VMs booting together do."""
     with ThreadPoolExecutor(len(VMS)) as pool:
-        return dict(zip(VMS, pool.map(dhcp, VMS)))
+        return dict(zip(VMS, pool.map(dhcp, VMS), strict=True))
 
 
 def release(vm: str) -> None:

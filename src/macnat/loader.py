@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from macnat import bpfsys, constants, netlink
 from macnat.errors import MacnatError
 from macnat.maps import Config, Map, ip_key, mac_bytes, u8, u32
+import contextlib
 
 TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
 TC_PARENT_ID = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -175,10 +176,8 @@ def attach(wifi_name: str, bridge_name: str) -> None:
             ipr.link("set", index=uplink.index, state="up")
         except BaseException:
             for step in reversed(undo):
-                try:
+                with contextlib.suppress(Exception):
                     step()
-                except Exception:
-                    pass
             raise
 
 
@@ -188,10 +187,8 @@ def detach(wifi_index: int, uplink_index: int | None, created_clsact: bool) -> N
         for hook in TC_PARENT:
             del_filter(ipr, wifi_index, hook)
         if created_clsact and not foreign_filters(ipr, wifi_index):
-            try:
+            with contextlib.suppress(NetlinkError):
                 ipr.tc("del", "clsact", wifi_index)
-            except NetlinkError:
-                pass
         if uplink_index:
             try:
                 ipr.link("del", index=uplink_index)  # its peer, filters and FDB entries go with it
