@@ -2,7 +2,7 @@
  *
  *      AP / LAN
  *         |  air: only frames with the station's source MAC get through
- *       wifi (wlan0)   wifi_ingress: Wi-Fi -> VMs (unicast by IP binding; group frames copied)
+ *       wifi (wlan0)   wifi_ingress: Wi-Fi -> VMs (unicast by address binding; group frames copied)
  *         ^   |        wifi_egress:  host -> VMs
  *  redirect   | redirect into the bridge's own transmit path (br_dev_xmit)
  *         |   v
@@ -17,13 +17,14 @@
  * installs them as static FDB entries from lan_macs, and until it has, a VM's frame to such a MAC
  * is flooded (and still reaches the uplink): no first frame is lost.
  *
- * Learning is done here, synchronously, so the reply to a VM's very first ARP request already
- * finds the binding; the manager only ages, protects and reports.
+ * Learning is done here, synchronously, so the reply to a VM's very first ARP request or neighbour
+ * solicitation already finds the binding; the manager only ages, protects and reports.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/udp.h>
 
@@ -35,6 +36,18 @@
 #define DHCP_SERVER_PORT_BE bpf_htons(67)
 #define DHCP_CLIENT_PORT_BE bpf_htons(68)
 #define IP_FRAGMENT_MASK_BE bpf_htons(0x3fff)  /* MF flag and fragment offset */
+
+/* RFC 4861 neighbour discovery */
+#define ICMPV6_ROUTER_SOLICIT 133
+#define ICMPV6_ROUTER_ADVERT 134
+#define ICMPV6_NEIGHBOUR_SOLICIT 135
+#define ICMPV6_NEIGHBOUR_ADVERT 136
+#define ICMPV6_REDIRECT 137
+#define ICMPV6_CSUM_OFF 2
+#define NDP_TARGET_OFF 8        /* NS, NA and Redirect: type, code, checksum, 4 reserved bytes, target */
+#define ND_OPT_SOURCE_LL 1
+#define ND_OPT_TARGET_LL 2
+#define NDP_MAX_OPTIONS 8
 
 /* RFC 826 ARP for IPv4 over Ethernet, the only kind macnat rewrites. */
 struct arp_ipv4 {
@@ -51,16 +64,18 @@ struct arp_ipv4 {
 
 #define ETH_ARP_LEN (sizeof(struct ethhdr) + sizeof(struct arp_ipv4))
 #define ETH_IP_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr))
+#define ETH_IP6_LEN (sizeof(struct ethhdr) + sizeof(struct ipv6hdr))
 #define ARP_SHA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, sha))
 #define ARP_THA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tha))
+#define ARP_TPA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tpa))
 
 BPF_ARRAY(config, struct macnat_config, 1);
 BPF_PERCPU_ARRAY(counters, __u64, MACNAT_NUM_COUNTERS);
-BPF_HASH(bindings, __u32, struct binding, MACNAT_MAX_BINDINGS);
+BPF_HASH(bindings, struct ip_addr, struct binding, MACNAT_MAX_BINDINGS);
 BPF_HASH(vm_macs, struct mac_addr, struct mac_seen, MACNAT_MAX_VM_MACS);
 BPF_TABLE("lru_hash", struct mac_addr, struct mac_seen, lan_macs, MACNAT_MAX_LAN_MACS);
-BPF_HASH(host_ipv4, __u32, __u8, MACNAT_MAX_HOST_ADDRS);
-BPF_TABLE("lru_hash", __u32, struct refusal, refusals, MACNAT_MAX_REFUSALS);
+BPF_HASH(host_addrs, struct ip_addr, __u8, MACNAT_MAX_HOST_ADDRS);
+BPF_TABLE("lru_hash", struct ip_addr, struct refusal, refusals, MACNAT_MAX_REFUSALS);
 
 static __always_inline void count(__u32 index)
 {
@@ -90,11 +105,35 @@ static __always_inline int is_zero(const unsigned char *mac)
     return !(*(const __u32 *)mac | *(const __u16 *)(mac + 4));
 }
 
-static __always_inline __u32 load_ipv4(const unsigned char *p)
+static __always_inline __be32 load_ipv4(const unsigned char *p)
 {
-    __u32 ip;
+    __be32 ip;
     __builtin_memcpy(&ip, p, 4);
     return ip;
+}
+
+static __always_inline void ipv4_mapped(struct ip_addr *a, __be32 ip)
+{
+    a->addr[0] = 0;
+    a->addr[1] = 0;
+    a->addr[2] = bpf_htonl(0xffff);
+    a->addr[3] = ip;
+}
+
+static __always_inline int usable_ipv4(__be32 ip)
+{
+    /* 0.0.0.0 (DHCP, ARP probes), limited broadcast and multicast never belong to a VM. */
+    return ip != 0 && ip != 0xffffffff && (bpf_ntohl(ip) & 0xf0000000) != 0xe0000000;
+}
+
+static __always_inline int ipv6_unspecified(const struct ip_addr *a)
+{
+    return !(a->addr[0] | a->addr[1] | a->addr[2] | a->addr[3]);
+}
+
+static __always_inline int ipv6_multicast(const struct ip_addr *a)
+{
+    return (bpf_ntohl(a->addr[0]) >> 24) == 0xff;
 }
 
 /* Make the first `len` bytes directly addressable; 0 when the frame is shorter than that. */
@@ -126,10 +165,10 @@ static __always_inline void note_lan_mac(const unsigned char *addr, __u64 now)
     lan_macs.update(&mac, &fresh);
 }
 
-static __always_inline void refuse(__u32 ip, const struct mac_addr *mac, __u16 reason, __u64 now)
+static __always_inline void refuse(struct ip_addr *ip, const struct mac_addr *mac, __u16 reason, __u64 now)
 {
     count(reason);
-    struct refusal *seen = refusals.lookup(&ip);
+    struct refusal *seen = refusals.lookup(ip);
     if (seen && mac_eq(seen->mac, mac->addr) && seen->reason == reason) {
         __sync_fetch_and_add(&seen->count, 1);
         seen->last_ns = now;
@@ -137,7 +176,7 @@ static __always_inline void refuse(__u32 ip, const struct mac_addr *mac, __u16 r
     }
     struct refusal fresh = { .reason = reason, .count = 1, .last_ns = now };
     __builtin_memcpy(fresh.mac, mac->addr, 6);
-    refusals.update(&ip, &fresh);
+    refusals.update(ip, &fresh);
 }
 
 /* Remember a MAC behind the bridge. 0, or -1 when the table is full (the frame is dropped). */
@@ -158,10 +197,10 @@ static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
 }
 
 /* (Re)bind ip to mac, given what bindings held for it. 0, or -1 when the address is refused. */
-static __always_inline int bind_ipv4(__u32 ip, const struct mac_addr *mac, __u64 now, struct binding *known,
-                                     __u64 packets, __u64 bytes)
+static __always_inline int bind_ip(struct ip_addr *ip, const struct mac_addr *mac, __u64 now, struct binding *known,
+                                   __u64 packets, __u64 bytes)
 {
-    if (host_ipv4.lookup(&ip)) {
+    if (host_addrs.lookup(ip)) {
         refuse(ip, mac, MACNAT_CNT_REFUSED_HOST_IP, now);
         return -1;
     }
@@ -171,7 +210,7 @@ static __always_inline int bind_ipv4(__u32 ip, const struct mac_addr *mac, __u64
     }
     struct binding fresh = { .last_seen_ns = now, .tx_packets = packets, .tx_bytes = bytes };
     __builtin_memcpy(fresh.mac, mac->addr, 6);
-    if (bindings.update(&ip, &fresh)) {
+    if (bindings.update(ip, &fresh)) {
         count(MACNAT_CNT_DROP_TABLE_FULL);
         return -1;
     }
@@ -179,23 +218,17 @@ static __always_inline int bind_ipv4(__u32 ip, const struct mac_addr *mac, __u64
     return 0;
 }
 
-/* Bind a VM's IPv4 source address to its MAC. 0, or -1 when the frame must be dropped. */
-static __always_inline int learn_ipv4(__u32 ip, const struct mac_addr *mac, __u64 now, __u32 len)
+/* Bind an address a VM sends from to its MAC. 0, or -1 when the frame must be dropped. */
+static __always_inline int learn_ip(struct ip_addr *ip, const struct mac_addr *mac, __u64 now, __u32 len)
 {
-    struct binding *known = bindings.lookup(&ip);
+    struct binding *known = bindings.lookup(ip);
     if (known && mac_eq(known->mac, mac->addr)) {
         touch(&known->last_seen_ns, now);
         __sync_fetch_and_add(&known->tx_packets, 1);
         __sync_fetch_and_add(&known->tx_bytes, len);
         return 0;
     }
-    return bind_ipv4(ip, mac, now, known, 1, len);
-}
-
-static __always_inline int usable_ipv4_source(__u32 ip)
-{
-    /* 0.0.0.0 (DHCP, ARP probes), limited broadcast and multicast never belong to a VM. */
-    return ip != 0 && ip != 0xffffffff && (bpf_ntohl(ip) & 0xf0000000) != 0xe0000000;
+    return bind_ip(ip, mac, now, known, 1, len);
 }
 
 /* A VM's DHCP request gets the BOOTP broadcast flag, so the server's answer is a broadcast that
@@ -257,7 +290,7 @@ static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, __u32 l4_
         return;
     __u32 bootp = l4_off + sizeof(udp);
     if (bpf_skb_load_bytes(skb, bootp, &head, sizeof(head)) || head.op != 2 || head.htype != 1 ||
-        head.hlen != 6 || !usable_ipv4_source(head.yiaddr))
+        head.hlen != 6 || !usable_ipv4(head.yiaddr))
         return;
     struct mac_addr mac;
     __builtin_memcpy(mac.addr, head.chaddr, 6);
@@ -278,11 +311,13 @@ static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, __u32 l4_
         if (option[0] == DHCP_OPT_MESSAGE_TYPE) {
             if (option[1] == 1 && option[2] == DHCP_ACK) {
                 __u64 now = bpf_ktime_get_coarse_ns();
-                struct binding *known = bindings.lookup(&head.yiaddr);
+                struct ip_addr yiaddr;
+                ipv4_mapped(&yiaddr, head.yiaddr);
+                struct binding *known = bindings.lookup(&yiaddr);
                 if (known && mac_eq(known->mac, mac.addr))
                     touch(&known->last_seen_ns, now);
                 else
-                    bind_ipv4(head.yiaddr, &mac, now, known, 0, 0);
+                    bind_ip(&yiaddr, &mac, now, known, 0, 0);
             }
             return;
         }
@@ -298,6 +333,59 @@ static __always_inline __u32 ipv4_udp_offset(struct __sk_buff *skb)
         iph.protocol != IPPROTO_UDP || (iph.frag_off & IP_FRAGMENT_MASK_BE))
         return 0;
     return sizeof(struct ethhdr) + iph.ihl * 4;
+}
+
+/* Where the options of an NDP message of this type start, relative to the ICMPv6 header; 0 when the
+ * type carries no link-layer address options. */
+static __always_inline __u32 ndp_options_offset(__u8 type)
+{
+    switch (type) {
+    case ICMPV6_ROUTER_SOLICIT:
+        return 8;
+    case ICMPV6_ROUTER_ADVERT:
+        return 16;
+    case ICMPV6_NEIGHBOUR_SOLICIT:
+    case ICMPV6_NEIGHBOUR_ADVERT:
+        return 24;
+    case ICMPV6_REDIRECT:
+        return 40;
+    }
+    return 0;
+}
+
+/* Source/Target Link-Layer Address options carrying a VM's MAC get the Wi-Fi MAC, wherever they
+ * stand among the options; the ICMPv6 checksum is updated by the difference over each 8-byte option
+ * (the pseudo-header does not change). -1 for a malformed option list (RFC 4861 4.6: length 0). */
+static __always_inline int rewrite_ndp_options(struct __sk_buff *skb, struct macnat_config *cfg, __u32 l4_off,
+                                               __u32 off, const struct mac_addr *src)
+{
+    for (int i = 0; i < NDP_MAX_OPTIONS; i++) {
+        __u8 option[8];
+        if (off + 2 > skb->len)
+            return 0;
+        if (bpf_skb_load_bytes(skb, off, option, 2))
+            return -1;
+        if (option[1] == 0)
+            return -1;
+        if ((option[0] == ND_OPT_SOURCE_LL || option[0] == ND_OPT_TARGET_LL) && option[1] == 1) {
+            if (bpf_skb_load_bytes(skb, off, option, sizeof(option)))
+                return -1;
+            struct mac_addr carried;
+            __builtin_memcpy(carried.addr, option + 2, 6);
+            if (mac_eq(carried.addr, src->addr) || vm_macs.lookup(&carried)) {
+                __u8 rewritten[8];
+                __builtin_memcpy(rewritten, option, 2);
+                __builtin_memcpy(rewritten + 2, cfg->wifi_mac, 6);
+                __s64 diff = bpf_csum_diff((__be32 *)option, sizeof(option), (__be32 *)rewritten,
+                                           sizeof(rewritten), 0);
+                bpf_l4_csum_replace(skb, l4_off + ICMPV6_CSUM_OFF, 0, diff, 0);
+                bpf_skb_store_bytes(skb, off + 2, cfg->wifi_mac, 6, 0);
+                count(MACNAT_CNT_NDP_REWRITTEN);
+            }
+        }
+        off += option[1] * 8;
+    }
+    return 0;
 }
 
 /* Everything the bridge sends towards the LAN: from the VMs. */
@@ -336,8 +424,9 @@ int uplink_egress(struct __sk_buff *skb)
     if (learn_mac(&src, now))
         return TC_ACT_SHOT;
 
-    int rewrite_sha = 0, rewrite_tha = 0;
-    __u32 ip = 0, l4_off = 0;
+    int rewrite_sha = 0, rewrite_tha = 0, learn = 0;
+    __u32 udp_off = 0, icmp6_off = 0, ndp_opts_off = 0;
+    struct ip_addr ip;
     if (proto == bpf_htons(ETH_P_ARP)) {
         if (!pull(skb, ETH_ARP_LEN)) {
             count(MACNAT_CNT_DROP_MALFORMED);
@@ -350,7 +439,9 @@ int uplink_egress(struct __sk_buff *skb)
             count(MACNAT_CNT_DROP_MALFORMED);
             return TC_ACT_SHOT;
         }
-        ip = load_ipv4(arp->spa);
+        __be32 spa = load_ipv4(arp->spa);
+        ipv4_mapped(&ip, spa);
+        learn = usable_ipv4(spa);
         rewrite_sha = mac_eq(arp->sha, src.addr);
         rewrite_tha = mac_eq(arp->tha, src.addr);
     } else if (proto == bpf_htons(ETH_P_IP)) {
@@ -364,11 +455,42 @@ int uplink_egress(struct __sk_buff *skb)
             count(MACNAT_CNT_DROP_MALFORMED);
             return TC_ACT_SHOT;
         }
-        ip = iph->saddr;
+        ipv4_mapped(&ip, iph->saddr);
+        learn = usable_ipv4(iph->saddr);
         if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE))
-            l4_off = sizeof(struct ethhdr) + iph->ihl * 4;
+            udp_off = sizeof(struct ethhdr) + iph->ihl * 4;
+    } else if (proto == bpf_htons(ETH_P_IPV6)) {
+        if (!pull(skb, ETH_IP6_LEN)) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        data = (void *)(long)skb->data;
+        struct ipv6hdr *ip6h = data + sizeof(struct ethhdr);
+        if ((void *)(ip6h + 1) > (void *)(long)skb->data_end) {
+            count(MACNAT_CNT_DROP_MALFORMED);
+            return TC_ACT_SHOT;
+        }
+        __builtin_memcpy(&ip, &ip6h->saddr, sizeof(ip));
+        learn = !ipv6_unspecified(&ip) && !ipv6_multicast(&ip);
+        if (ip6h->nexthdr == IPPROTO_ICMPV6)
+            icmp6_off = ETH_IP6_LEN;
     }
-    if (usable_ipv4_source(ip) && learn_ipv4(ip, &src, now, skb->len))
+    if (icmp6_off) {
+        __u8 type;
+        if (bpf_skb_load_bytes(skb, icmp6_off, &type, 1) == 0) {
+            __u32 options = ndp_options_offset(type);
+            ndp_opts_off = options ? icmp6_off + options : 0;
+            /* Duplicate address detection (RFC 4862): the VM announces the address it is about
+             * to use; bind it now. A claim of the host's address is refused, but the probe goes
+             * on, so the host can defend its address and the VM learns it may not have it. */
+            struct ip_addr target;
+            if (type == ICMPV6_NEIGHBOUR_SOLICIT && ipv6_unspecified(&ip) &&
+                !bpf_skb_load_bytes(skb, icmp6_off + NDP_TARGET_OFF, &target, sizeof(target)) &&
+                !ipv6_unspecified(&target) && !ipv6_multicast(&target))
+                learn_ip(&target, &src, now, skb->len);
+        }
+    }
+    if (learn && learn_ip(&ip, &src, now, skb->len))
         return TC_ACT_SHOT;
 
     if (mac_eq(dst.addr, cfg->wifi_mac)) {
@@ -379,35 +501,67 @@ int uplink_egress(struct __sk_buff *skb)
     if (is_group(dst.addr))
         bpf_clone_redirect(skb, cfg->wifi_ifindex, BPF_F_INGRESS);
 
+    if (ndp_opts_off && rewrite_ndp_options(skb, cfg, icmp6_off, ndp_opts_off, &src)) {
+        count(MACNAT_CNT_DROP_MALFORMED);
+        return TC_ACT_SHOT;
+    }
     if (rewrite_sha)
         bpf_skb_store_bytes(skb, ARP_SHA_OFF, cfg->wifi_mac, 6, 0);
     if (rewrite_tha)
         bpf_skb_store_bytes(skb, ARP_THA_OFF, cfg->wifi_mac, 6, 0);
-    if (l4_off)
-        set_dhcp_broadcast(skb, l4_off);
+    if (udp_off)
+        set_dhcp_broadcast(skb, udp_off);
     bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), cfg->wifi_mac, 6, 0);
     count(MACNAT_CNT_VM_TO_WIFI);
     return bpf_redirect(cfg->wifi_ifindex, 0);
 }
 
+/* Neighbour solicitations from the LAN for a VM's address. A LAN host asking gets its answer by
+ * unicast: its MAC is noted for the bridge's FDB. A LAN host probing the address (DAD, from ::)
+ * wants to take it: the binding goes, and if the VM is still there it defends the address with an
+ * advertisement, which binds it again; a VM that is gone leaves the address to the newcomer. */
+static __always_inline void watch_solicitation(struct __sk_buff *skb, const struct mac_addr *src)
+{
+    struct ipv6hdr ip6h;
+    __u8 type;
+    struct ip_addr target, saddr;
+
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip6h, sizeof(ip6h)) || ip6h.nexthdr != IPPROTO_ICMPV6 ||
+        bpf_skb_load_bytes(skb, ETH_IP6_LEN, &type, 1) || type != ICMPV6_NEIGHBOUR_SOLICIT ||
+        bpf_skb_load_bytes(skb, ETH_IP6_LEN + NDP_TARGET_OFF, &target, sizeof(target)))
+        return;
+    struct binding *vm = bindings.lookup(&target);
+    if (!vm)
+        return;
+    __builtin_memcpy(&saddr, &ip6h.saddr, sizeof(saddr));
+    if (!ipv6_unspecified(&saddr)) {
+        note_lan_mac(src->addr, bpf_ktime_get_coarse_ns());
+    } else if (!(vm->flags & MACNAT_BINDING_STATIC)) {
+        bindings.delete(&target);
+        count(MACNAT_CNT_DAD_CONFLICT);
+    }
+}
+
 /* Copy a group frame to the VMs (through the bridge) and let the host have it too. A VM's own
- * group frame, handed to the host by uplink_egress, already reached the other VMs. A DHCPACK for a
- * VM (broadcast, thanks to the flag uplink_egress set) binds its address on the way. */
+ * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way:
+ * a DHCPACK for a VM (broadcast, thanks to the flag uplink_egress set) binds its address, and
+ * LAN hosts asking for a VM are noted. */
 static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
                                            const struct mac_addr *src)
 {
     if (vm_macs.lookup((struct mac_addr *)src))
         return TC_ACT_OK;
     if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-        /* A LAN host asking for a VM will get its answer by unicast: install its MAC for the bridge. */
-        __u32 tpa;
-        if (!bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tpa), &tpa, 4) &&
-            bindings.lookup(&tpa))
+        struct ip_addr tpa;
+        ipv4_mapped(&tpa, 0);
+        if (!bpf_skb_load_bytes(skb, ARP_TPA_OFF, &tpa.addr[3], 4) && bindings.lookup(&tpa))
             note_lan_mac(src->addr, bpf_ktime_get_coarse_ns());
     } else if (skb->protocol == bpf_htons(ETH_P_IP)) {
         __u32 l4_off = ipv4_udp_offset(skb);
         if (l4_off)
             learn_from_dhcp_ack(skb, l4_off);
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        watch_solicitation(skb, src);
     }
     bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
     count(MACNAT_CNT_GROUP_TO_VMS);
@@ -445,6 +599,7 @@ int wifi_ingress(struct __sk_buff *skb)
     if (!mac_eq(eth->h_dest, cfg->wifi_mac))
         return TC_ACT_OK;
 
+    struct ip_addr dst;
     if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
         if (!pull(skb, ETH_ARP_LEN))
             return TC_ACT_OK;
@@ -454,14 +609,13 @@ int wifi_ingress(struct __sk_buff *skb)
         if ((void *)(arp + 1) > (void *)(long)skb->data_end || arp->ptype != bpf_htons(ETH_P_IP) ||
             arp->hlen != 6 || arp->plen != 4)
             return TC_ACT_OK;
-        __u32 tpa = load_ipv4(arp->tpa);
-        if (host_ipv4.lookup(&tpa)) {
+        ipv4_mapped(&dst, load_ipv4(arp->tpa));
+        if (host_addrs.lookup(&dst)) {
             count(MACNAT_CNT_WIFI_TO_HOST);
             return TC_ACT_OK;
         }
-        __u64 now = bpf_ktime_get_coarse_ns();
-        note_lan_mac(src.addr, now);
-        struct binding *vm = bindings.lookup(&tpa);
+        note_lan_mac(src.addr, bpf_ktime_get_coarse_ns());
+        struct binding *vm = bindings.lookup(&dst);
         if (vm) {
             if (mac_eq(arp->tha, cfg->wifi_mac))
                 __builtin_memcpy(arp->tha, vm->mac, 6);
@@ -481,7 +635,7 @@ int wifi_ingress(struct __sk_buff *skb)
         struct iphdr *iph = data + sizeof(struct ethhdr);
         if ((void *)(iph + 1) > (void *)(long)skb->data_end)
             return TC_ACT_OK;
-        __u32 daddr = iph->daddr;
+        __be32 daddr = iph->daddr;
         if (daddr == 0xffffffff) {
             restore_group(eth, broadcast);
             return to_vms_and_host(skb, cfg, &src);
@@ -493,11 +647,33 @@ int wifi_ingress(struct __sk_buff *skb)
             restore_group(eth, group);
             return to_vms_and_host(skb, cfg, &src);
         }
-        struct binding *vm = bindings.lookup(&daddr);
-        if (vm) {
-            __builtin_memcpy(eth->h_dest, vm->mac, 6);
-            return to_vm(skb, cfg, vm);
+        ipv4_mapped(&dst, daddr);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        if (!pull(skb, ETH_IP6_LEN))
+            return TC_ACT_OK;
+        data = (void *)(long)skb->data;
+        eth = data;
+        struct ipv6hdr *ip6h = data + sizeof(struct ethhdr);
+        if ((void *)(ip6h + 1) > (void *)(long)skb->data_end)
+            return TC_ACT_OK;
+        __builtin_memcpy(&dst, &ip6h->daddr, sizeof(dst));
+        if (ipv6_multicast(&dst)) {
+            /* RFC 2464: 33:33 and the low 32 bits of the group address. */
+            unsigned char group[6] = { 0x33, 0x33 };
+            __builtin_memcpy(group + 2, &dst.addr[3], 4);
+            restore_group(eth, group);
+            return to_vms_and_host(skb, cfg, &src);
         }
+        if (ip6h->nexthdr == IPPROTO_ICMPV6 && bindings.lookup(&dst))
+            note_lan_mac(src.addr, bpf_ktime_get_coarse_ns());  /* NUD and other NDP to a VM */
+    } else {
+        count(MACNAT_CNT_WIFI_TO_HOST);
+        return TC_ACT_OK;
+    }
+    struct binding *vm = bindings.lookup(&dst);
+    if (vm) {
+        __builtin_memcpy(eth->h_dest, vm->mac, 6);
+        return to_vm(skb, cfg, vm);
     }
     count(MACNAT_CNT_WIFI_TO_HOST);
     return TC_ACT_OK;

@@ -15,6 +15,12 @@ struct mac_addr {
     unsigned char addr[6];
 };
 
+/* An address of either family, as every address map keys it: IPv6, or IPv4 mapped into IPv6 as
+ * ::ffff:a.b.c.d (RFC 4291 2.5.5.2), so one table, one learning path and one refusal path serve both. */
+struct ip_addr {
+    __be32 addr[4];
+};
+
 /* config[0]: where this attachment forwards, written by the loader, kept current by the manager. */
 struct macnat_config {
     unsigned char wifi_mac[6];
@@ -25,7 +31,7 @@ struct macnat_config {
     __u32 flags;            /* MACNAT_CFG_* */
 };
 
-/* bindings: VM IPv4 address (network byte order) -> the VM that owns it. */
+/* bindings: a VM's address -> the VM that owns it. */
 struct binding {
     unsigned char mac[6];
     __u16 flags;            /* MACNAT_BINDING_* */

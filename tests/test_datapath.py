@@ -17,6 +17,9 @@ import socket
 
 import pytest
 from scapy.all import ARP, BOOTP, DHCP, ICMP, IP, UDP, Ether, Raw
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_Redirect,
+                                ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo,
+                                ICMPv6NDOptSrcLLAddr, IPv6)
 
 from macnat import bpfsys, constants, loader, maps
 from macnat.maps import Binding, MacAddr, MacSeen, ip_key, mac_bytes, u8
@@ -25,6 +28,7 @@ from macnat.netns import Namespace
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 WIFI_MAC, VM_MAC, VM2_MAC, LAN_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", "02:4d:4e:00:00:14"
 HOST_IP, VM_IP, VM2_IP, LAN_IP = "192.168.77.10", "192.168.77.101", "192.168.77.102", "192.168.77.20"
+HOST_IP6, VM_IP6, VM_LL6, LAN_IP6 = "fd77:77::10", "fd77:77::5054:ff:fe00:101", "fe80::5054:ff:fe00:101", "fd77:77::20"
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 TAP_IFINDEX_OF_VM = 1000  # any ifindex that is neither 0 nor wifi's: a frame that entered the bridge from a port
 
@@ -42,9 +46,10 @@ class Datapath:
             bridge_ifindex=self.ifindex["br0"], uplink_ifindex=self.ifindex["up0"]))
 
     def reset(self) -> None:
-        for name in ("bindings", "vm_macs", "lan_macs", "host_ipv4", "refusals"):
+        for name in ("bindings", "vm_macs", "lan_macs", "host_addrs", "refusals"):
             self.maps.by_name[name].clear()
-        self.maps.host_ipv4.update(ip_key(HOST_IP), u8(1))
+        for ip in (HOST_IP, HOST_IP6):
+            self.maps.host_addrs.update(ip_key(ip), u8(1))
 
     def run(self, program: str, frame: bytes, ingress_ifindex: int = 0):
         """(return code, output frame, counters that moved)."""
@@ -373,3 +378,161 @@ def test_host_traffic_to_the_lan_is_untouched(datapath):
     frame = bytes(Ether(src=WIFI_MAC, dst=LAN_MAC) / IP(src=HOST_IP, dst=LAN_IP) / ICMP())
     rc, out, moved = datapath.run("wifi_egress", frame)
     assert rc == TC_ACT_OK and out == frame and moved == {}
+
+
+# ---- IPv6 ----------------------------------------------------------------------------------------
+
+def ll_options(pkt) -> list[str]:
+    """The MACs in the NDP link-layer address options of a parsed frame, in order."""
+    found, layer = [], pkt
+    while layer:
+        if isinstance(layer, (ICMPv6NDOptSrcLLAddr, ICMPv6NDOptDstLLAddr)):
+            found.append(layer.lladdr)
+        layer = layer.payload if layer.payload else None
+    return found
+
+
+def icmpv6_checksum_ok(frame: bytes) -> bool:
+    pkt = Ether(frame)
+    icmp = pkt[IPv6].payload
+    sent = icmp.cksum
+    del icmp.cksum
+    return Ether(bytes(pkt))[IPv6].payload.cksum == sent
+
+
+NDP_FROM_VM = {
+    "ns": Ether(src=VM_MAC, dst="33:33:ff:00:00:20") / IPv6(src=VM_LL6, dst="ff02::1:ff00:20", hlim=255)
+          / ICMPv6ND_NS(tgt=LAN_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=VM_MAC),
+    "na": Ether(src=VM_MAC, dst=LAN_MAC) / IPv6(src=VM_IP6, dst=LAN_IP6, hlim=255)
+          / ICMPv6ND_NA(tgt=VM_IP6, R=0, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr=VM_MAC),
+    "rs": Ether(src=VM_MAC, dst="33:33:00:00:00:02") / IPv6(src=VM_LL6, dst="ff02::2", hlim=255)
+          / ICMPv6ND_RS() / ICMPv6NDOptSrcLLAddr(lladdr=VM_MAC),
+    "ra-options-first": Ether(src=VM_MAC, dst="33:33:00:00:00:01") / IPv6(src=VM_LL6, dst="ff02::1", hlim=255)
+          / ICMPv6ND_RA() / ICMPv6NDOptMTU(mtu=1500) / ICMPv6NDOptPrefixInfo(prefix="fd77:78::", prefixlen=64)
+          / ICMPv6NDOptSrcLLAddr(lladdr=VM_MAC),
+    "redirect-to-another-vm": Ether(src=VM_MAC, dst=LAN_MAC) / IPv6(src=VM_LL6, dst=LAN_IP6, hlim=255)
+          / ICMPv6ND_Redirect(tgt="fe80::5054:ff:fe00:102", dst="fd77:78::1") / ICMPv6NDOptDstLLAddr(lladdr=VM2_MAC),
+}
+
+
+@pytest.mark.parametrize("name", NDP_FROM_VM)
+def test_ndp_link_layer_options_of_a_vm_carry_the_wifi_mac(datapath, name):
+    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM2_MAC)), MacSeen(last_seen_ns=1))
+    frame = bytes(NDP_FROM_VM[name])
+    rc, out, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved["vm_to_wifi"] == 1 and moved["ndp_rewritten"] == 1
+    pkt = Ether(out)
+    assert pkt.src == WIFI_MAC and ll_options(pkt) == [WIFI_MAC]
+    assert icmpv6_checksum_ok(out)
+    assert len(out) == len(frame)
+
+
+def test_ndp_option_with_a_lan_mac_is_left_alone(datapath):
+    frame = bytes(Ether(src=VM_MAC, dst=LAN_MAC) / IPv6(src=VM_IP6, dst=LAN_IP6, hlim=255)
+                  / ICMPv6ND_NA(tgt="fd77:77::99") / ICMPv6NDOptDstLLAddr(lladdr="02:00:00:00:00:99"))
+    rc, out, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and "ndp_rewritten" not in moved
+    assert out[12:] == frame[12:]
+
+
+def test_ndp_option_of_length_zero_is_dropped(datapath):
+    frame = bytes(Ether(src=VM_MAC, dst="33:33:00:00:00:02") / IPv6(src=VM_LL6, dst="ff02::2", hlim=255)
+                  / ICMPv6ND_RS() / Raw(bytes([1, 0]) + bytes(bytes(mac_bytes(VM_MAC)))))
+    rc, _, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_SHOT and moved.get("drop_malformed") == 1 and "vm_to_wifi" not in moved
+
+
+def test_vm_ipv6_source_is_learned(datapath):
+    frame = bytes(Ether(src=VM_MAC, dst=LAN_MAC) / IPv6(src=VM_IP6, dst=LAN_IP6) / ICMPv6EchoRequest())
+    rc, out, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved["learned_ip"] == 1
+    assert out == frame[:6] + bytes(mac_bytes(WIFI_MAC)) + frame[12:]
+    assert maps.mac_str(datapath.binding(VM_IP6).mac) == VM_MAC
+    assert maps.ip_family(ip_key(VM_IP6)) == "ipv6" and maps.ip_str(ip_key(VM_IP6)) == VM_IP6
+
+
+def dad_probe(src_mac: str, target: str) -> bytes:
+    return bytes(Ether(src=src_mac, dst="33:33:ff:00:01:01") / IPv6(src="::", dst="ff02::1:ff00:101", hlim=255)
+                 / ICMPv6ND_NS(tgt=target))
+
+
+def test_vm_dad_probe_binds_the_tentative_address(datapath):
+    rc, _, moved = datapath.run("uplink_egress", dad_probe(VM_MAC, VM_IP6), TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved["learned_ip"] == 1
+    assert maps.mac_str(datapath.binding(VM_IP6).mac) == VM_MAC
+
+
+def test_vm_dad_probe_for_the_hosts_address_is_refused_but_goes_on(datapath):
+    rc, _, moved = datapath.run("uplink_egress", dad_probe(VM_MAC, HOST_IP6), TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved["refused_host_ip"] == 1
+    assert datapath.binding(HOST_IP6) is None
+
+
+def test_vm_claiming_the_hosts_ipv6_address_is_refused(datapath):
+    frame = bytes(Ether(src=VM_MAC, dst=LAN_MAC) / IPv6(src=HOST_IP6, dst=LAN_IP6) / ICMPv6EchoRequest())
+    rc, _, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_SHOT and moved["refused_host_ip"] == 1
+
+
+def test_ipv6_unicast_from_wifi_reaches_the_vm(datapath):
+    datapath.bind(VM_IP6, VM_MAC)
+    frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=VM_IP6) / ICMPv6EchoRequest())
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1}
+    assert out == bytes(mac_bytes(VM_MAC)) + frame[6:]
+
+
+def test_unicast_neighbour_solicitation_for_a_vm_reaches_it(datapath):
+    datapath.bind(VM_IP6, VM_MAC)
+    frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=VM_IP6, hlim=255)
+                  / ICMPv6ND_NS(tgt=VM_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=LAN_MAC))
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1}
+    assert out == bytes(mac_bytes(VM_MAC)) + frame[6:]
+    assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None
+
+
+def test_ipv6_for_the_host_is_untouched(datapath):
+    frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=HOST_IP6) / ICMPv6EchoRequest())
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_OK and out == frame and moved == {"wifi_to_host": 1}
+
+
+@pytest.mark.parametrize("group_ip, group_mac", [("ff02::1", "33:33:00:00:00:01"),
+                                                 ("ff02::1:ff00:101", "33:33:ff:00:01:01"),
+                                                 ("ff05::1:3", "33:33:00:01:00:03")],
+                         ids=["all-nodes", "solicited-node", "dhcpv6-servers"])
+def test_ipv6_multicast_an_ap_sent_as_unicast_is_restored(datapath, group_ip, group_mac):
+    frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=group_ip) / UDP(sport=547, dport=546))
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_OK and moved == {"group_restored": 1, "group_to_vms": 1}
+    assert out == bytes(mac_bytes(group_mac)) + frame[6:]
+
+
+def test_lan_dad_probe_for_a_vm_address_drops_the_binding(datapath):
+    datapath.bind(VM_IP6, VM_MAC)
+    vm_side = Sniffer("vmA")
+    try:
+        rc, _, moved = datapath.run("wifi_ingress", dad_probe(LAN_MAC, VM_IP6))
+        delivered = [f for f in vm_side.drain(0.3) if f.startswith(bytes(mac_bytes("33:33:ff:00:01:01")))]
+    finally:
+        vm_side.close()
+    assert rc == TC_ACT_OK and moved == {"dad_conflict": 1, "group_to_vms": 1}
+    assert datapath.binding(VM_IP6) is None
+    assert delivered, "the VM still gets the probe, so it can defend its address"
+
+
+def test_lan_dad_probe_leaves_a_static_binding(datapath):
+    datapath.bind(VM_IP6, VM_MAC, flags=constants.BINDING_STATIC)
+    rc, _, moved = datapath.run("wifi_ingress", dad_probe(LAN_MAC, VM_IP6))
+    assert rc == TC_ACT_OK and "dad_conflict" not in moved
+    assert datapath.binding(VM_IP6) is not None
+
+
+def test_lan_solicitation_for_a_vm_notes_the_lan_mac(datapath):
+    datapath.bind(VM_IP6, VM_MAC)
+    frame = bytes(Ether(src=LAN_MAC, dst="33:33:ff:00:01:01") / IPv6(src=LAN_IP6, dst="ff02::1:ff00:101", hlim=255)
+                  / ICMPv6ND_NS(tgt=VM_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=LAN_MAC))
+    rc, _, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1}
+    assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None

@@ -81,6 +81,7 @@ def test_demo_shows_the_problem_and_macnat_fixing_it():
         out = demo.stdout
         assert "✓ vm1 got no lease" in out and "frames from source MACs it has not associated" in out
         assert "leased 192.168.77." in out and "✓ ping LAN host -> vm2" in out
+        assert "(SLAAC) and fd77:77::" in out and "✓ ping LAN host -> vm1 (fd77:77::" in out
         assert "Verdict: plain bridging fails through a Wi-Fi AP; with macnat the VMs are full hosts of the LAN" in out
         assert "✗" not in out
     finally:

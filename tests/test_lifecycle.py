@@ -62,6 +62,23 @@ def test_detach_removes_an_attachment_whose_manager_died(fresh_lab, tmp_path):
     assert proc.returncode == 1 and "not attached" in proc.stderr
 
 
+def test_ageing_probes_ipv6_bindings_with_unicast_neighbour_solicitations(tmp_path):
+    lab.up(lab.Knobs(ipv6=True))
+    manager = RunningManager("--age", "3", "-v", log=tmp_path / "manager.log")
+    try:
+        slaac = {vm: lab.wait_slaac(vm) for vm in lab.VMS}
+        assert ping(VM1.ns, lab.LANHOST.ip6) and ping(VM2.ns, lab.LANHOST.ip6)
+        assert set(slaac.values()) <= set(table())
+        VM1.ns.ip("link", "set", "eth0", "down")
+        assert wait_for(lambda: slaac["vm1"] not in table(), timeout=10)
+        assert f"expired {slaac['vm1']} at {VM1.mac}" in manager.text()
+        assert slaac["vm2"] in table(), "an idle VM that answers unicast NS probes is kept"
+        assert f"probing idle {slaac['vm2']} at {VM2.mac}" in manager.text()
+    finally:
+        manager.stop()
+        lab.down()
+
+
 def test_dhcp_renewal_is_answered(fresh_lab, tmp_path):
     manager = RunningManager(log=tmp_path / "manager.log")
     try:

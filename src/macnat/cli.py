@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a MacnatError (one line on stderr saying what to do), 2
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def parse_statics(entries: list[str]) -> dict[str, str]:
         try:
             ip_key(ip)
         except OSError:
-            raise MacnatError(f"--static: '{ip}' is not an IPv4 address") from None
+            raise MacnatError(f"--static: '{ip}' is not an IPv4 or IPv6 address") from None
         mac_bytes(mac)
         statics[ip] = mac.lower()
     return statics
@@ -176,19 +177,19 @@ def table(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
 
     from macnat import constants
     from macnat.manager import monotonic_ns
-    from macnat.maps import ip_str, mac_str
+    from macnat.maps import ip_family, ip_str, mac_str
 
     rows = []
     now = monotonic_ns()
     for found in _attachments(wifi):
         for key, b in found.maps.bindings.items():
-            rows.append({"ip": ip_str(key), "family": "ipv4", "mac": mac_str(b.mac),
+            rows.append({"ip": ip_str(key), "family": ip_family(key), "mac": mac_str(b.mac),
                          "kind": "static" if b.flags & constants.BINDING_STATIC else "learned",
-                         "last_seen_s": round((now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi.name,
+                         "last_seen_s": round(max(0, now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi.name,
                          "tx_packets": b.tx_packets, "tx_bytes": b.tx_bytes,
                          "rx_packets": b.rx_packets, "rx_bytes": b.rx_bytes})
         found.close()
-    rows.sort(key=lambda r: (r["wifi"], tuple(int(p) for p in r["ip"].split("."))))
+    rows.sort(key=lambda r: (r["wifi"], r["family"], ipaddress.ip_address(r["ip"])))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

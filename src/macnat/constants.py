@@ -11,11 +11,13 @@ COUNTERS: dict[str, str] = {
     "group_to_vms": "broadcast/multicast from Wi-Fi or the host copied to the VMs",
     "group_restored": "group frames an AP delivered as unicast, restored to their group address",
     "dhcp_flag_set": "DHCP requests given the broadcast flag",
+    "ndp_rewritten": "NDP link-layer address options of a VM rewritten to the Wi-Fi MAC",
     "wifi_to_host": "Wi-Fi frames passed to the host untouched",
     "learned_mac": "new VM MACs learned",
-    "learned_ip": "new VM IPv4 bindings learned",
-    "moved_ip": "IPv4 bindings that moved to another VM MAC",
-    "refused_host_ip": "VM frames dropped: they claim an address of the host",
+    "learned_ip": "new VM address bindings learned (IPv4 and IPv6)",
+    "moved_ip": "bindings that moved to another VM MAC",
+    "dad_conflict": "LAN hosts probing (DAD) an address bound to a VM: the binding is dropped until the VM defends it",
+    "refused_host_ip": "VM frames dropped: they claim an address of the host (a DAD probe goes on, for the host to answer)",
     "refused_static": "VM frames dropped: they claim another VM's static address",
     "drop_echo": "frames macnat injected into the bridge, flooded back to the uplink and dropped",
     "drop_vm_to_vm": "frames between VMs flooded to the uplink, dropped (the bridge delivers them)",
@@ -41,7 +43,7 @@ PROGRAMS = {  # function in bpf/macnat.c -> (device role, hook)
     "wifi_egress": ("wifi", "egress"),
     "uplink_egress": ("uplink", "egress"),
 }
-MAP_NAMES = ("config", "counters", "bindings", "vm_macs", "lan_macs", "host_ipv4", "refusals")
+MAP_NAMES = ("config", "counters", "bindings", "vm_macs", "lan_macs", "host_addrs", "refusals")
 
 
 def cflags() -> list[str]:

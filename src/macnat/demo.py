@@ -70,6 +70,14 @@ def show_fix() -> bool:
             for ip in (vm1, vm2):
                 results.append(seen.get(ip) == lab.LAPTOP.mac)
                 observed(results[-1], f"the LAN host sees {ip} at {seen.get(ip)}, wlan0's MAC")
+            console.print("  IPv6: SLAAC from the router's advertisements, DHCPv6 from dnsmasq ...")
+            slaac, dhcp6 = lab.wait_slaac("vm1"), lab.dhcp6("vm1")
+            results.append(bool(dhcp6))
+            observed(results[-1], f"vm1 has {slaac} (SLAAC) and {dhcp6} (DHCPv6)")
+            for who, ns, target in (("LAN host -> vm1", lab.LANHOST.ns, slaac),
+                                    ("vm1 -> LAN host", lab.VMS["vm1"].ns, lab.LANHOST.ip6)):
+                results.append(lab.ping(ns, target))
+                observed(results[-1], f"ping {who} ({target})")
             console.print("  macnat table:")
             console.print("    " + lab.macnat("table").stdout.rstrip().replace("\n", "\n    "))
         results.append(lab.ap_drops() == drops_before)
@@ -83,8 +91,9 @@ def show_fix() -> bool:
 
 
 def run() -> bool:
-    step("Building the lab: an access point, a router with dnsmasq, a LAN host, a laptop with wlan0 and vmbr0, 2 VMs")
-    lab.up()
+    step("Building the lab: an access point, a router with dnsmasq (DHCPv4, RA, DHCPv6), a LAN host, "
+         "a laptop with wlan0 and vmbr0, 2 VMs")
+    lab.up(lab.Knobs(ipv6=True))
     observed(True, f"lab up: namespaces {', '.join(ns.name for ns in lab.namespaces())}")
     problem_shown = show_problem()
     fixed = show_fix()

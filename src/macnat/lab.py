@@ -50,11 +50,12 @@ class Host:
     ifname: str
     mac: str
     ip: str | None  # static address; None for the VMs, which use DHCP
+    ip6: str | None = None  # static IPv6 address when the lab serves IPv6
 
 
 AP = Namespace(PREFIX + "ap")
-ROUTER = Host(Namespace(PREFIX + "router"), "eth0", "02:4d:4e:00:00:01", GATEWAY)
-LANHOST = Host(Namespace(PREFIX + "lanhost"), "eth0", "02:4d:4e:00:00:14", "192.168.77.20")
+ROUTER = Host(Namespace(PREFIX + "router"), "eth0", "02:4d:4e:00:00:01", GATEWAY, IPV6_PREFIX + "1")
+LANHOST = Host(Namespace(PREFIX + "lanhost"), "eth0", "02:4d:4e:00:00:14", "192.168.77.20", IPV6_PREFIX + "20")
 LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", "192.168.77.10")
 BRIDGE = "vmbr0"
 BRIDGE_MAC = "02:4d:4e:00:00:b0"
@@ -104,8 +105,8 @@ def up(knobs: Knobs | None = None) -> Knobs:
 def _build(knobs: Knobs) -> None:
     for ns in namespaces():
         Namespace.create(ns.name)
-        # Quiet, deterministic IPv6: no router solicitations or DAD delays unless the lab serves IPv6.
-        ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        if not knobs.ipv6:  # no DAD delays where IPv6 is only link-local chatter
+            ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
     AP.ip("link", "add", "apbr", "type", "bridge", "forward_delay", "0", "stp_state", "0")
     for host, port in ((ROUTER, "p-router"), (LANHOST, "p-lanhost"), (LAPTOP, "air")):
@@ -119,6 +120,9 @@ def _build(knobs: Knobs) -> None:
         host.ns.ip("link", "set", host.ifname, "up")
         if host is not ROUTER:
             host.ns.ip("route", "add", "default", "via", GATEWAY)
+    if knobs.ipv6:
+        for host in (ROUTER, LANHOST):
+            host.ns.ip("-6", "addr", "add", f"{host.ip6}/64", "dev", host.ifname, "nodad")
 
     LAPTOP.ns.ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
                  "forward_delay", "0", "stp_state", "0")
@@ -134,8 +138,6 @@ def _build(knobs: Knobs) -> None:
 
 
 def _start_dnsmasq(knobs: Knobs) -> None:
-    if knobs.ipv6:
-        ROUTER.ns.ip("-6", "addr", "add", f"{IPV6_PREFIX}1/64", "dev", ROUTER.ifname, "nodad")
     argv = [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
         f"--interface={ROUTER.ifname}", "--bind-interfaces", "--dhcp-authoritative", "--no-ping",
@@ -145,7 +147,8 @@ def _start_dnsmasq(knobs: Knobs) -> None:
         f"--pid-file={STATE_DIR / 'dnsmasq.pid'}",
     ]
     if knobs.ipv6:
-        argv += ["--enable-ra", f"--dhcp-range={IPV6_PREFIX}100,{IPV6_PREFIX}1ff,64,1h"]
+        # RA with the A flag (SLAAC) and the M flag (DHCPv6): VMs get an address of each kind.
+        argv += ["--enable-ra", f"--dhcp-range={IPV6_PREFIX}100,{IPV6_PREFIX}1ff,slaac,64,1h"]
     ROUTER.ns.spawn(*argv, log=STATE_DIR / "dnsmasq.log")
     deadline = time.monotonic() + 5
     while not (STATE_DIR / "dnsmasq.pid").exists():
@@ -164,7 +167,12 @@ case "$reason" in
     ip addr replace "$new_ip_address/$new_subnet_mask" dev "$interface"
     if [ -n "$new_routers" ]; then ip route replace default via "${new_routers%% *}" dev "$interface"; fi ;;
   EXPIRE|FAIL|RELEASE|STOP) ip -4 addr flush dev "$interface" ;;
-  TIMEOUT) exit 1 ;;
+  BOUND6|RENEW6|REBIND6|REBOOT6)
+    if [ -n "$old_ip6_address" ] && [ "$old_ip6_address" != "$new_ip6_address" ]; then
+      ip -6 addr del "$old_ip6_address/$old_ip6_prefixlen" dev "$interface"; fi
+    ip -6 addr replace "$new_ip6_address/$new_ip6_prefixlen" dev "$interface" ;;
+  EXPIRE6|RELEASE6|STOP6) ip -6 addr del "$old_ip6_address/$old_ip6_prefixlen" dev "$interface" ;;
+  TIMEOUT|PREINIT6) [ "$reason" = TIMEOUT ] && exit 1 ;;
 esac
 exit 0
 """
@@ -204,21 +212,76 @@ def dhcp_all() -> dict[str, str | None]:
         return dict(zip(VMS, pool.map(dhcp, VMS), strict=True))
 
 
+def dhcp6(vm: str) -> str | None:
+    """Run the VM's DHCPv6 client (isc dhclient -6) once; the leased address, or None.
+
+    The client identifies itself with a DUID-LL made of the VM's own MAC, so the server's lease shows
+    whether the DUID crossed the Wi-Fi unchanged.
+    """
+    host = VMS[vm]
+    _stop_client(vm, "dhclient6")
+    deadline = time.monotonic() + 10  # dhclient -6 needs a link-local address that passed DAD
+    while host.ns.ip("-6", "addr", "show", "dev", host.ifname, "scope", "link", "tentative").strip():
+        if time.monotonic() > deadline:
+            raise MacnatError(f"{vm}'s link-local address stayed tentative")
+        time.sleep(0.1)
+    conf = STATE_DIR / f"dhclient6-{vm}.conf"
+    conf.write_text(f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\n")
+    proc = host.ns.run("dhclient", "-6", "-1", "-v", "-D", "LL", "-cf", str(conf),
+                       "-sf", str(STATE_DIR / "dhclient-script"),
+                       "-pf", str(STATE_DIR / f"dhclient6-{vm}.pid"),
+                       "-lf", str(STATE_DIR / f"dhclient6-{vm}.leases"), host.ifname,
+                       check=False, timeout=DHCP_TIMEOUT + 10)
+    with open(STATE_DIR / f"dhclient6-{vm}.log", "a") as log:
+        log.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return None
+    return _wait_address(vm, lambda info: info["prefixlen"] == 128, "DHCPv6")  # IA_NA addresses are /128
+
+
+def _stop_client(vm: str, kind: str) -> None:
+    pidfile = STATE_DIR / f"{kind}-{vm}.pid"
+    if pidfile.exists():
+        VMS[vm].ns.run("kill", pidfile.read_text().strip(), check=False)
+        pidfile.unlink()
+    (STATE_DIR / f"{kind}-{vm}.leases").unlink(missing_ok=True)
+
+
 def release(vm: str) -> None:
     """Stop the VM's DHCP client and forget its lease, so the next dhcp() starts from scratch."""
-    host = VMS[vm]
-    pidfile = STATE_DIR / f"dhclient-{vm}.pid"
-    if pidfile.exists():
-        host.ns.run("kill", pidfile.read_text().strip(), check=False)
-        pidfile.unlink()
-    (STATE_DIR / f"dhclient-{vm}.leases").unlink(missing_ok=True)
-    host.ns.ip("-4", "addr", "flush", "dev", host.ifname)
+    _stop_client(vm, "dhclient")
+    VMS[vm].ns.ip("-4", "addr", "flush", "dev", VMS[vm].ifname)
 
 
 def vm_ip(vm: str) -> str | None:
     host = VMS[vm]
     addrs = json.loads(host.ns.ip("-j", "-4", "addr", "show", "dev", host.ifname))
     return next((info["local"] for link in addrs for info in link.get("addr_info", [])), None)
+
+
+def vm_ip6(vm: str) -> list[str]:
+    """The VM's global IPv6 addresses that passed DAD (SLAAC and DHCPv6)."""
+    host = VMS[vm]
+    addrs = json.loads(host.ns.ip("-j", "-6", "addr", "show", "dev", host.ifname, "scope", "global"))
+    return [info["local"] for link in addrs for info in link.get("addr_info", []) if "local" in info and not info.get("tentative")]
+
+
+def wait_slaac(vm: str) -> str:
+    """The VM's SLAAC address in the lab prefix, once it has one (RA received, DAD passed)."""
+    return _wait_address(vm, lambda info: info["prefixlen"] == 64, "SLAAC")
+
+
+def _wait_address(vm: str, wanted, kind: str, timeout: float = 10) -> str:
+    host = VMS[vm]
+    deadline = time.monotonic() + timeout
+    while True:
+        out = json.loads(host.ns.ip("-j", "-6", "addr", "show", "dev", host.ifname, "scope", "global"))
+        for info in (i for link in out for i in link.get("addr_info", []) if "local" in i):
+            if info["local"].startswith(IPV6_PREFIX) and wanted(info) and not info.get("tentative"):
+                return info["local"]
+        if time.monotonic() > deadline:
+            raise MacnatError(f"{vm} got no {kind} address in {IPV6_PREFIX}/64 within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def set_ap(knobs: Knobs) -> None:
@@ -342,6 +405,7 @@ def status() -> dict:
         "knobs": asdict(knobs() or Knobs()),
         "ap_drops": ap_drops(),
         "laptop": {"wifi": LAPTOP.ifname, "mac": LAPTOP.mac, "ip": LAPTOP.ip, "bridge": BRIDGE},
-        "vms": {name: {"mac": vm.mac, "ip": vm_ip(name), "ns": vm.ns.name} for name, vm in VMS.items()},
+        "vms": {name: {"mac": vm.mac, "ip": vm_ip(name), "ip6": vm_ip6(name), "ns": vm.ns.name}
+                for name, vm in VMS.items()},
         "lan": {"router": ROUTER.ip, "lanhost": LANHOST.ip},
     }

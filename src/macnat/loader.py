@@ -162,9 +162,9 @@ def attach(wifi_name: str, bridge_name: str) -> None:
             config.update(u32(0), Config(wifi_mac=mac_bytes(wifi.mac), wifi_ifindex=wifi.index,
                                          bridge_ifindex=bridge.index, uplink_ifindex=uplink.index,
                                          flags=created_clsact))
-            host_fd = bpf[b"host_ipv4"].map_fd
-            host = Map("host_ipv4", host_fd, bpfsys.map_info(host_fd))
-            for ip in netlink.host_ipv4(ipr):
+            host_fd = bpf[b"host_addrs"].map_fd
+            host = Map("host_addrs", host_fd, bpfsys.map_info(host_fd))
+            for ip in netlink.host_addresses(ipr):
                 host.update(ip_key(ip), u8(1))
             netlink.fdb_set(ipr, uplink.index, wifi.mac)
 

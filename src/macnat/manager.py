@@ -32,6 +32,10 @@ from macnat.maps import Binding, MacAddr, MacSeen, ip_key, ip_str, mac_bytes, ma
 log = logging.getLogger("macnat")
 
 ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+IPPROTO_ICMPV6 = 58
+ICMPV6_NEIGHBOUR_SOLICIT = 135
+ND_OPT_SOURCE_LL = 1
 
 
 @dataclass
@@ -55,6 +59,25 @@ def arp_request(dst_mac: bytes, src_mac: bytes, sender_ip: bytes, target_ip: byt
     frame = (dst_mac + src_mac + struct.pack("!H", ETH_P_ARP)
              + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + src_mac + sender_ip + bytes(6) + target_ip)
     return frame.ljust(60, b"\0")
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 ones' complement sum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def neighbour_solicitation(dst_mac: bytes, src_mac: bytes, src_ip: bytes, target_ip: bytes) -> bytes:
+    """A unicast NS (RFC 4861 7.2.2, as for NUD) to target_ip, with our MAC as source link-layer address."""
+    icmp = struct.pack("!BBHI", ICMPV6_NEIGHBOUR_SOLICIT, 0, 0, 0) + target_ip + bytes([ND_OPT_SOURCE_LL, 1]) + src_mac
+    pseudo_header = src_ip + target_ip + struct.pack("!I3xB", len(icmp), IPPROTO_ICMPV6)
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(pseudo_header + icmp)) + icmp[4:]
+    ipv6 = struct.pack("!IHBB", 6 << 28, len(icmp), IPPROTO_ICMPV6, 255) + src_ip + target_ip
+    return dst_mac + src_mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + icmp
 
 
 class Manager:
@@ -97,10 +120,10 @@ class Manager:
 
     # ---- netlink-driven -------------------------------------------------------------------
     def sync_host_addresses(self) -> None:
-        wanted = netlink.host_ipv4(self.ipr)
-        current = {ip_str(k) for k in self.maps.host_ipv4.keys()}
+        wanted = netlink.host_addresses(self.ipr)
+        current = {ip_str(k) for k in self.maps.host_addrs.keys()}
         for ip in wanted.keys() - current:
-            self.maps.host_ipv4.update(ip_key(ip), u8(1))
+            self.maps.host_addrs.update(ip_key(ip), u8(1))
             binding = self.maps.bindings.lookup(ip_key(ip))
             if binding is not None:
                 self.maps.bindings.delete(ip_key(ip))
@@ -108,7 +131,7 @@ class Manager:
                 log.warning("%s is now an address of this host (%s): removed its binding to VM %s",
                             ip, wanted[ip], mac_str(binding.mac))
         for ip in current - wanted.keys():
-            self.maps.host_ipv4.delete(ip_key(ip))
+            self.maps.host_addrs.delete(ip_key(ip))
         self.host_addrs = wanted
 
     def follow_wifi_mac(self) -> None:
@@ -160,12 +183,22 @@ class Manager:
         self.known = current
 
     def probe(self, ip: str, binding: Binding) -> None:
+        """Ask an idle VM whether it still has `ip`: its answer refreshes the binding in the datapath."""
         last = self.probed_at.get(ip)
         if last is not None and time.monotonic() - last < self.settings.probe_interval:
             return
-        config = self.maps.current_config()
-        sender = netlink.wifi_ipv4(self.ipr, self.attachment.wifi.index) or "0.0.0.0"
-        frame = arp_request(bytes(binding.mac), bytes(config.wifi_mac), socket.inet_aton(sender), socket.inet_aton(ip))
+        wifi_mac, vm_mac = bytes(self.maps.current_config().wifi_mac), bytes(binding.mac)
+        index = self.attachment.wifi.index
+        if ":" in ip:
+            sender = netlink.interface_address(self.ipr, index, socket.AF_INET6, link_local=True)
+            if sender is None:
+                log.debug("cannot probe %s: %s has no IPv6 link-local address", ip, self.attachment.wifi.name)
+                return
+            frame = neighbour_solicitation(vm_mac, wifi_mac, socket.inet_pton(socket.AF_INET6, sender),
+                                           socket.inet_pton(socket.AF_INET6, ip))
+        else:
+            sender = netlink.interface_address(self.ipr, index, socket.AF_INET) or "0.0.0.0"
+            frame = arp_request(vm_mac, wifi_mac, socket.inet_aton(sender), socket.inet_aton(ip))
         try:
             self.probe_socket.send(frame)
         except OSError as exc:

@@ -23,6 +23,12 @@ class MacAddr(ctypes.Structure):
     _fields_ = [("addr", MacBytes)]
 
 
+class IpAddr(ctypes.Structure):
+    """IPv6, or IPv4 mapped as ::ffff:a.b.c.d: how every address map keys an address."""
+
+    _fields_ = [("addr", u32 * 4)]
+
+
 class Config(ctypes.Structure):
     _fields_ = [("wifi_mac", MacBytes), ("pad", u16), ("wifi_ifindex", u32), ("bridge_ifindex", u32),
                 ("uplink_ifindex", u32), ("flags", u32)]
@@ -45,22 +51,34 @@ class Refusal(ctypes.Structure):
 LAYOUT: dict[str, tuple[type, type]] = {
     "config": (u32, Config),
     "counters": (u32, u64),
-    "bindings": (u32, Binding),
+    "bindings": (IpAddr, Binding),
     "vm_macs": (MacAddr, MacSeen),
     "lan_macs": (MacAddr, MacSeen),
-    "host_ipv4": (u32, u8),
-    "refusals": (u32, Refusal),
+    "host_addrs": (IpAddr, u8),
+    "refusals": (IpAddr, Refusal),
 }
 assert set(LAYOUT) == set(constants.MAP_NAMES)
 
 
-def ip_key(ip: str) -> u32:
-    """An IPv4 address as the datapath keys it: the four bytes in network order."""
-    return u32.from_buffer_copy(socket.inet_aton(ip))
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 
-def ip_str(key: u32) -> str:
-    return socket.inet_ntoa(bytes(key))
+def ip_key(ip: str) -> IpAddr:
+    """An address as the datapath keys it; IPv4 mapped into IPv6. OSError if it is not an address."""
+    if ":" in ip:
+        return IpAddr.from_buffer_copy(socket.inet_pton(socket.AF_INET6, ip))
+    return IpAddr.from_buffer_copy(IPV4_MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, ip))
+
+
+def ip_family(key: IpAddr) -> str:
+    return "ipv4" if bytes(key)[:12] == IPV4_MAPPED_PREFIX else "ipv6"
+
+
+def ip_str(key: IpAddr) -> str:
+    raw = bytes(key)
+    if raw[:12] == IPV4_MAPPED_PREFIX:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def mac_bytes(mac: str) -> MacBytes:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
 
 from macnat.errors import MacnatError
+
+RT_SCOPE_LINK = 253
 
 
 @dataclass(frozen=True)
@@ -49,16 +52,21 @@ def links(ipr: IPRoute) -> list[Link]:
     return [_link(msg) for msg in ipr.get_links()]
 
 
-def host_ipv4(ipr: IPRoute) -> dict[str, str]:
-    """Every IPv4 address of this host (all interfaces of the namespace) -> its interface name."""
+def _address(msg) -> str:
+    return msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+
+
+def host_addresses(ipr: IPRoute) -> dict[str, str]:
+    """Every IPv4 and IPv6 address of this host (all interfaces of the namespace) -> its interface."""
     names = {lk.index: lk.name for lk in links(ipr)}
-    return {msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"): names.get(msg["index"], "?")
-            for msg in ipr.get_addr(family=2)}
+    return {_address(msg): names.get(msg["index"], "?") for msg in ipr.get_addr()}
 
 
-def wifi_ipv4(ipr: IPRoute, index: int) -> str | None:
-    for msg in ipr.get_addr(family=2, index=index):
-        return msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+def interface_address(ipr: IPRoute, index: int, family: int, link_local: bool = False) -> str | None:
+    """An address of the interface: IPv4 (AF_INET), or IPv6 (AF_INET6) of link or wider scope."""
+    for msg in ipr.get_addr(family=family, index=index):
+        if family == socket.AF_INET or (msg["scope"] == RT_SCOPE_LINK) == link_local:
+            return _address(msg)
     return None
 
 
@@ -80,11 +88,11 @@ def fdb_static_macs(ipr: IPRoute, port: int) -> set[str]:
 
 
 class Watcher:
-    """A netlink socket subscribed to link and IPv4 address changes."""
+    """A netlink socket subscribed to link and address changes."""
 
     def __init__(self):
         self.ipr = IPRoute()
-        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR)
+        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
 
     def wait(self, timeout: float, wake_fd: int) -> bool:
         """Wait up to `timeout` seconds, or until `wake_fd` is readable (a signal arrived).
