@@ -1,13 +1,6 @@
-"""Packet-level tests of each datapath path with BPF_PROG_TEST_RUN: return code, exact output bytes,
-checksums (verified by scapy), counters, the redirect target (each redirect target has its own
-counter) and what bpf_clone_redirect really transmitted.
-
-    namespace mntest-dp (the test process enters it: clones really transmit there)
-
-      air0 --- wifi0            wifi: config.wifi_ifindex, MAC WIFI_MAC
-               br0 --- up0 --- up0p    uplink: config.uplink_ifindex
-                   --- tapA --- vmA    a VM port; frames cloned into br0 are captured on vmA
-"""
+"""Packet-level tests of each datapath path with BPF_PROG_TEST_RUN (in macnat.harness's namespace):
+return code, exact output bytes, checksums (verified by scapy), counters, the redirect target (each
+redirect target has its own counter) and what bpf_clone_redirect really transmitted."""
 
 from __future__ import annotations
 
@@ -21,11 +14,10 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICM
                                 ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo,
                                 ICMPv6NDOptSrcLLAddr, IPv6)
 
-from macnat import bpfsys, constants, loader, maps
-from macnat.maps import Binding, MacAddr, MacSeen, ip_key, mac_bytes, u8
-from macnat.netns import Namespace
+from macnat import constants, maps
+from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Harness
+from macnat.maps import MacAddr, MacSeen, ip_key, mac_bytes
 
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 WIFI_MAC, VM_MAC, VM2_MAC, LAN_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", "02:4d:4e:00:00:14"
 HOST_IP, VM_IP, VM2_IP, LAN_IP = "192.168.77.10", "192.168.77.101", "192.168.77.102", "192.168.77.20"
 HOST_IP6, VM_IP6, VM_LL6, LAN_IP6 = "fd77:77::10", "fd77:77::5054:ff:fe00:101", "fe80::5054:ff:fe00:101", "fd77:77::20"
@@ -33,39 +25,12 @@ BROADCAST = "ff:ff:ff:ff:ff:ff"
 TAP_IFINDEX_OF_VM = 1000  # any ifindex that is neither 0 nor wifi's: a frame that entered the bridge from a port
 
 
-class Datapath:
-    def __init__(self, ns: Namespace):
-        self.ns = ns
-        self.bpf = loader.compile_datapath()
-        self.fds = {name: self.bpf.load_func(name.encode(), self.bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
-        self.maps = maps.Maps({name: maps.Map(name, self.bpf[name.encode()].map_fd, bpfsys.map_info(self.bpf[name.encode()].map_fd))
-                               for name in constants.MAP_NAMES})
-        self.ifindex = {name: socket.if_nametoindex(name) for name in ("wifi0", "br0", "up0", "vmA")}
-        self.maps.config.update(maps.u32(0), maps.Config(
-            wifi_mac=mac_bytes(WIFI_MAC), wifi_ifindex=self.ifindex["wifi0"],
-            bridge_ifindex=self.ifindex["br0"], uplink_ifindex=self.ifindex["up0"]))
-
-    def reset(self) -> None:
-        for name in ("bindings", "vm_macs", "lan_macs", "host_addrs", "refusals"):
-            self.maps.by_name[name].clear()
-        for ip in (HOST_IP, HOST_IP6):
-            self.maps.host_addrs.update(ip_key(ip), u8(1))
+class Datapath(Harness):
+    """The harness, answering (return code, output frame, counters that moved) as these tests check."""
 
     def run(self, program: str, frame: bytes, ingress_ifindex: int = 0):
-        """(return code, output frame, counters that moved)."""
-        before = self.maps.counter_totals()
-        ctx = bpfsys.SkBuffCtx(ingress_ifindex=ingress_ifindex)
-        result = bpfsys.prog_test_run(self.fds[program], frame, ctx=ctx)
-        after = self.maps.counter_totals()
-        moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-        return result.retval, result.data, moved
-
-    def bind(self, ip: str, mac: str, flags: int = 0) -> None:
-        self.maps.vm_macs.update(MacAddr(mac_bytes(mac)), MacSeen(last_seen_ns=1))
-        self.maps.bindings.update(ip_key(ip), Binding(mac=mac_bytes(mac), flags=flags, last_seen_ns=1))
-
-    def binding(self, ip: str) -> Binding | None:
-        return self.maps.bindings.lookup(ip_key(ip))
+        result = super().run(program, frame, ingress_ifindex)
+        return result.retval, result.data, result.moved
 
 
 class Sniffer:
@@ -88,24 +53,14 @@ class Sniffer:
 
 @pytest.fixture(scope="module")
 def dp():
-    ns = Namespace.create("mntest-dp")
-    ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-    ns.ip("link", "add", "wifi0", "address", WIFI_MAC, "type", "veth", "peer", "name", "air0")
-    ns.ip("link", "add", "br0", "type", "bridge")
-    for port, peer in (("up0", "up0p"), ("tapA", "vmA")):
-        ns.ip("link", "add", port, "type", "veth", "peer", "name", peer)
-        ns.ip("link", "set", port, "master", "br0", "up")
-        ns.ip("link", "set", peer, "up")
-    for dev in ("wifi0", "air0", "br0"):
-        ns.ip("link", "set", dev, "up")
-    with ns.entered():
-        yield Datapath(ns)
-    ns.delete()
+    harness = Datapath("mntest-dp", WIFI_MAC)
+    yield harness
+    harness.close()
 
 
 @pytest.fixture
 def datapath(dp):
-    dp.reset()
+    dp.reset(host_addresses=(HOST_IP, HOST_IP6))
     return dp
 
 
