@@ -105,10 +105,10 @@ class ManagerLock:
     different namespaces never collide. The kernel drops the lock when the manager dies.
     """
 
-    def __init__(self, wifi: netlink.Link):
+    def __init__(self, wifi: netlink.Link, fd: int | None = None):
         netns = os.stat("/proc/self/ns/net").st_ino
         self.path = RUN_DIR / f"{netns}-{wifi.name}.lock"
-        self.fd: int | None = None
+        self.fd = fd  # given: the lock is already held, handed over across exec
 
     def acquire(self) -> bool:
         RUN_DIR.mkdir(parents=True, exist_ok=True)

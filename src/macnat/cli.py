@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import sys
 from typing import Annotated, Optional
@@ -62,19 +63,23 @@ def attach(
 
     An attachment left by a manager that died is adopted, with everything it learned.
     """
-    import logging
+    from concurrent.futures import ThreadPoolExecutor
 
-    from pyroute2 import IPRoute
-
-    from macnat import attachment, constants, loader
-    from macnat.manager import Manager, Settings
+    from macnat import loader
 
     require_root()
     if age <= 0:
         raise MacnatError("--age must be positive")
-    settings = Settings(age=age, statics=parse_statics(static or []))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s macnat: %(message)s", datefmt="%H:%M:%S")
+    statics = parse_statics(static or [])
+    # The compile (about 1.4 s, in C: the GIL is released) runs while this thread gets the rest ready.
+    compiling = ThreadPoolExecutor(1).submit(loader.compile_datapath)
+
+    from pyroute2 import IPRoute
+
+    from macnat import attachment
+    from macnat.manager import Settings, exec_manager, setup_logging
+
+    setup_logging(verbose)
     log = logging.getLogger("macnat")
     with IPRoute() as ipr:
         wifi_link, _ = loader.validate(ipr, wifi, bridge)
@@ -85,41 +90,20 @@ def attach(
         try:
             found = attachment.find(ipr, wifi)
             if found is None:
-                found = _load(ipr, wifi, bridge)
+                loader.attach(ipr, wifi, bridge, compiling.result())
                 log.info("attached to %s and %s", wifi, bridge)
-                fresh = True
             else:
+                found.close()
                 if found.bridge is None or found.bridge.name != bridge:
                     raise MacnatError(f"'{wifi}' is attached to '{found.bridge.name if found.bridge else '?'}', "
                                       f"not '{bridge}' (macnat detach {wifi} first)")
                 if not found.complete:
                     raise MacnatError(f"the attachment on '{wifi}' is incomplete: macnat detach {wifi}, then attach")
                 log.info("adopting the running datapath on %s (its manager is gone)", wifi)
-                fresh = False
-            try:
-                manager = Manager(found, settings)
-                manager.start()
-            except BaseException:
-                if fresh:  # leave nothing half-done: what this attach created goes again
-                    loader.detach(found.wifi.index, found.uplink.index, bool(found.config.flags & constants.CFG_CREATED_CLSACT))
-                raise
-            manager.run()
-        finally:
+        except BaseException:
             lock.release()
-
-
-def _load(ipr, wifi: str, bridge: str):
-    """Compile and attach in a child process, so this long-running one never loads LLVM."""
-    import subprocess
-
-    from macnat import attachment
-
-    proc = subprocess.run([sys.executable, "-m", "macnat.loader", wifi, bridge], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("macnat: error: ")]
-        raise MacnatError(lines[-1].removeprefix("macnat: error: ") if lines
-                          else f"loading the datapath failed: {proc.stderr.strip()[-500:]}")
-    return attachment.require(ipr, wifi)
+            raise
+    exec_manager(wifi, Settings(age=age, statics=statics), lock, fresh=found is None, verbose=verbose)
 
 
 @app.command()

@@ -5,12 +5,13 @@ missing, the config, and the three filters, each with macnat's own priority and 
 port comes up last, so the bridge forwards to it only once its program is in place. Any failure
 undoes what was done. Detaching removes exactly what attaching created.
 
-Run as `python -m macnat.loader WIFI BRIDGE`, so the process that loads LLVM (bcc) ends once the
-programs are attached and the long-running manager never carries it.
+The process that compiles (and so loads LLVM) does not stay: `macnat attach` execs the manager once
+the programs are attached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -24,7 +25,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from macnat import bpfsys, constants, netlink
 from macnat.errors import MacnatError
 from macnat.maps import Config, Map, ip_key, mac_bytes, u8, u32
-import contextlib
 
 TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
 TC_PARENT_ID = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -123,62 +123,63 @@ def foreign_filters(ipr: IPRoute, index: int) -> bool:
     return False
 
 
-def attach(wifi_name: str, bridge_name: str) -> None:
+def attach(ipr: IPRoute, wifi_name: str, bridge_name: str, bpf) -> None:
+    """Attach the compiled datapath `bpf` between wifi and bridge; all or nothing."""
     undo: list[Callable[[], None]] = []
-    with IPRoute() as ipr:
-        wifi, bridge = validate(ipr, wifi_name, bridge_name)
-        bpf = compile_datapath()
-        fds = {name: bpf.load_func(name.encode(), bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
+    wifi, bridge = validate(ipr, wifi_name, bridge_name)
+    fds = {name: bpf.load_func(name.encode(), bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
+    try:
+        port_name, peer_name = uplink_names(wifi)
         try:
-            port_name, peer_name = uplink_names(wifi)
-            try:
-                ipr.link("add", ifname=port_name, kind="veth", peer=peer_name)
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
-                    raise MacnatError(f"'{port_name}' already exists: a macnat uplink left behind? "
-                                      f"macnat detach {wifi_name}, or ip link del {port_name}") from None
-                raise
-            uplink = netlink.link(ipr, port_name)
-            undo.append(lambda: ipr.link("del", index=uplink.index))
-            peer = netlink.link(ipr, peer_name)
-            for name in (port_name, peer_name):
-                _disable_ipv6(name)
-            ipr.link("set", index=uplink.index, ifalias=f"macnat uplink of {wifi.name} into {bridge.name}",
-                     mtu=bridge.mtu, master=bridge.index)
-            ipr.link("set", index=peer.index, mtu=bridge.mtu, state="up")
-
-            created_clsact = 0
-            try:
-                ipr.tc("add", "clsact", wifi.index)
-                created_clsact = constants.CFG_CREATED_CLSACT
-                undo.append(lambda: ipr.tc("del", "clsact", wifi.index))
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
-            ipr.tc("add", "clsact", uplink.index)
-
-            config_fd = bpf[b"config"].map_fd
-            config = Map("config", config_fd, bpfsys.map_info(config_fd))
-            config.update(u32(0), Config(wifi_mac=mac_bytes(wifi.mac), wifi_ifindex=wifi.index,
-                                         bridge_ifindex=bridge.index, uplink_ifindex=uplink.index,
-                                         flags=created_clsact))
-            host_fd = bpf[b"host_addrs"].map_fd
-            host = Map("host_addrs", host_fd, bpfsys.map_info(host_fd))
-            for ip in netlink.host_addresses(ipr):
-                host.update(ip_key(ip), u8(1))
-            netlink.fdb_set(ipr, uplink.index, wifi.mac)
-
-            add_filter(ipr, uplink.index, "egress", fds["uplink_egress"], "uplink_egress")
-            for program in ("wifi_egress", "wifi_ingress"):
-                hook = constants.PROGRAMS[program][1]
-                add_filter(ipr, wifi.index, hook, fds[program], program)
-                undo.append(lambda hook=hook: del_filter(ipr, wifi.index, hook))
-            ipr.link("set", index=uplink.index, state="up")
-        except BaseException:
-            for step in reversed(undo):
-                with contextlib.suppress(Exception):
-                    step()
+            ipr.link("add", ifname=port_name, kind="veth", peer=peer_name)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise MacnatError(f"'{port_name}' already exists: a macnat uplink left behind? "
+                                  f"macnat detach {wifi_name}, or ip link del {port_name}") from None
             raise
+        uplink = netlink.link(ipr, port_name)
+        undo.append(lambda: ipr.link("del", index=uplink.index))
+        peer = netlink.link(ipr, peer_name)
+        for name in (port_name, peer_name):
+            _disable_ipv6(name)
+        ipr.link("set", index=uplink.index, ifalias=f"macnat uplink of {wifi.name} into {bridge.name}",
+                 mtu=bridge.mtu, master=bridge.index)
+        ipr.link("set", index=peer.index, mtu=bridge.mtu, state="up")
+
+        created_clsact = 0
+        try:
+            ipr.tc("add", "clsact", wifi.index)
+            created_clsact = constants.CFG_CREATED_CLSACT
+            undo.append(lambda: ipr.tc("del", "clsact", wifi.index))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        ipr.tc("add", "clsact", uplink.index)
+
+        config_fd = bpf[b"config"].map_fd
+        config = Map("config", config_fd, bpfsys.map_info(config_fd))
+        config.update(u32(0), Config(wifi_mac=mac_bytes(wifi.mac), wifi_ifindex=wifi.index,
+                                     bridge_ifindex=bridge.index, uplink_ifindex=uplink.index,
+                                     flags=created_clsact))
+        host_fd = bpf[b"host_addrs"].map_fd
+        host = Map("host_addrs", host_fd, bpfsys.map_info(host_fd))
+        for ip in netlink.host_addresses(ipr):
+            host.update(ip_key(ip), u8(1))
+        netlink.fdb_set(ipr, uplink.index, wifi.mac)
+
+        add_filter(ipr, uplink.index, "egress", fds["uplink_egress"], "uplink_egress")
+        for program in ("wifi_egress", "wifi_ingress"):
+            hook = constants.PROGRAMS[program][1]
+            add_filter(ipr, wifi.index, hook, fds[program], program)
+            undo.append(lambda hook=hook: del_filter(ipr, wifi.index, hook))
+        ipr.link("set", index=uplink.index, state="up")
+    except BaseException:
+        for step in reversed(undo):
+            with contextlib.suppress(Exception):
+                step()
+        raise
+    finally:
+        bpf.cleanup()  # our fds go; the filters hold the programs, and the programs the maps
 
 
 def detach(wifi_index: int, uplink_index: int | None, created_clsact: bool) -> None:
@@ -195,16 +196,3 @@ def detach(wifi_index: int, uplink_index: int | None, created_clsact: bool) -> N
             except NetlinkError as exc:
                 if exc.code != errno.ENODEV:
                     raise
-
-
-def main(argv: list[str]) -> int:
-    try:
-        attach(*argv)
-    except MacnatError as exc:
-        print(f"macnat: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

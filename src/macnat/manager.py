@@ -15,18 +15,21 @@ If the manager dies, the datapath keeps forwarding with what it has, and a new m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import struct
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pyroute2 import IPRoute
 
-from macnat import constants, loader, netlink
+from macnat import attachment, constants, loader, netlink
 from macnat.attachment import Attachment
+from macnat.errors import MacnatError
 from macnat.maps import Binding, MacAddr, MacSeen, ip_key, ip_str, mac_bytes, mac_str, u8, u32
 
 log = logging.getLogger("macnat")
@@ -282,3 +285,43 @@ class Manager:
         self.probe_socket.close()
         self.ipr.close()
         self.attachment.close()
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s macnat: %(message)s", datefmt="%H:%M:%S")
+
+
+def exec_manager(wifi: str, settings: Settings, lock: attachment.ManagerLock, fresh: bool, verbose: bool) -> None:
+    """Replace this process (same PID, lock inherited) with a lean manager: the CLI's libraries and
+    the compiler that loaded the datapath do not stay resident for the life of the attachment."""
+    os.set_inheritable(lock.fd, True)
+    sys.stderr.flush()
+    handover = {"wifi": wifi, "lock_fd": lock.fd, "fresh": fresh, "verbose": verbose, "settings": asdict(settings)}
+    os.execv(sys.executable, [sys.executable, "-m", "macnat.manager", json.dumps(handover)])
+
+
+def main(handover: dict) -> None:
+    setup_logging(handover["verbose"])
+    with IPRoute() as ipr:
+        found = attachment.require(ipr, handover["wifi"])
+    lock = attachment.ManagerLock(found.wifi, fd=handover["lock_fd"])
+    try:
+        manager = Manager(found, Settings(**handover["settings"]))
+        try:
+            manager.start()
+        except BaseException:
+            if handover["fresh"]:  # leave nothing half-done: what this attach created goes again
+                manager.detach()
+            raise
+        manager.run()
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    try:
+        main(json.loads(sys.argv[1]))
+    except MacnatError as exc:
+        print(f"macnat: error: {exc}", file=sys.stderr)
+        sys.exit(1)
