@@ -73,6 +73,10 @@ BPF_ARRAY(config, struct macnat_config, 1);
 BPF_PERCPU_ARRAY(counters, __u64, MACNAT_NUM_COUNTERS);
 BPF_HASH(bindings, struct ip_addr, struct binding, MACNAT_MAX_BINDINGS);
 BPF_HASH(vm_macs, struct mac_addr, struct mac_seen, MACNAT_MAX_VM_MACS);
+/* vm_hints[h(mac)] is set once a VM MAC hashing to h is learned: a clear slot proves a MAC is not a
+ * VM's without the cost of hashing it into vm_macs (an array access is inlined by the verifier).
+ * Slots are never cleared: a stale or shared one only costs the vm_macs lookup it would have saved. */
+BPF_ARRAY(vm_hints, __u8, MACNAT_VM_HINT_SLOTS);
 BPF_TABLE("lru_hash", struct mac_addr, struct mac_seen, lan_macs, MACNAT_MAX_LAN_MACS);
 BPF_HASH(host_addrs, struct ip_addr, __u8, MACNAT_MAX_HOST_ADDRS);
 BPF_TABLE("lru_hash", struct ip_addr, struct refusal, refusals, MACNAT_MAX_REFUSALS);
@@ -179,6 +183,19 @@ static __always_inline void refuse(struct ip_addr *ip, const struct mac_addr *ma
     refusals.update(ip, &fresh);
 }
 
+static __always_inline __u32 hint_slot(const unsigned char *mac)
+{
+    return ((__u32)mac[3] << 16 | (__u32)mac[4] << 8 | mac[5]) % MACNAT_VM_HINT_SLOTS;
+}
+
+/* Whether mac is one of the VMs'. */
+static __always_inline int is_vm_mac(const struct mac_addr *mac)
+{
+    __u32 slot = hint_slot(mac->addr);
+    __u8 *hint = vm_hints.lookup(&slot);
+    return hint && *hint && vm_macs.lookup((struct mac_addr *)mac);
+}
+
 /* Remember a MAC behind the bridge. 0, or -1 when the table is full (the frame is dropped). */
 static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
 {
@@ -192,6 +209,10 @@ static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
         count(MACNAT_CNT_DROP_TABLE_FULL);
         return -1;
     }
+    __u32 slot = hint_slot(mac->addr);
+    __u8 *hint = vm_hints.lookup(&slot);
+    if (hint)
+        *hint = 1;
     count(MACNAT_CNT_LEARNED_MAC);
     return 0;
 }
@@ -416,17 +437,14 @@ int uplink_egress(struct __sk_buff *skb)
         count(MACNAT_CNT_DROP_MALFORMED);
         return TC_ACT_SHOT;
     }
-    if (vm_macs.lookup(&dst)) {  /* unknown unicast between VMs, flooded: the bridge delivered it */
+    if (is_vm_mac(&dst)) {  /* unknown unicast between VMs, flooded: the bridge delivered it */
         count(MACNAT_CNT_DROP_VM_TO_VM);
         return TC_ACT_SHOT;
     }
-    __u64 now = bpf_ktime_get_coarse_ns();
-    if (learn_mac(&src, now))
-        return TC_ACT_SHOT;
-
     int rewrite_sha = 0, rewrite_tha = 0, learn = 0;
     __u32 udp_off = 0, icmp6_off = 0, ndp_opts_off = 0;
-    struct ip_addr ip;
+    struct ip_addr ip, dad_target;
+    int dad = 0;
     if (proto == bpf_htons(ETH_P_ARP)) {
         if (!pull(skb, ETH_ARP_LEN)) {
             count(MACNAT_CNT_DROP_MALFORMED);
@@ -457,8 +475,13 @@ int uplink_egress(struct __sk_buff *skb)
         }
         ipv4_mapped(&ip, iph->saddr);
         learn = usable_ipv4(iph->saddr);
-        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE))
-            udp_off = sizeof(struct ethhdr) + iph->ihl * 4;
+        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE)) {
+            /* Only DHCP requests go to the (helper-based) flag rewrite; other UDP stays cheap. */
+            struct udphdr *udp = (void *)iph + iph->ihl * 4;
+            if ((void *)(udp + 1) <= (void *)(long)skb->data_end && udp->dest == DHCP_SERVER_PORT_BE &&
+                udp->source == DHCP_CLIENT_PORT_BE)
+                udp_off = sizeof(struct ethhdr) + iph->ihl * 4;
+        }
     } else if (proto == bpf_htons(ETH_P_IPV6)) {
         if (!pull(skb, ETH_IP6_LEN)) {
             count(MACNAT_CNT_DROP_MALFORMED);
@@ -481,17 +504,31 @@ int uplink_egress(struct __sk_buff *skb)
             __u32 options = ndp_options_offset(type);
             ndp_opts_off = options ? icmp6_off + options : 0;
             /* Duplicate address detection (RFC 4862): the VM announces the address it is about
-             * to use; bind it now. A claim of the host's address is refused, but the probe goes
-             * on, so the host can defend its address and the VM learns it may not have it. */
-            struct ip_addr target;
-            if (type == ICMPV6_NEIGHBOUR_SOLICIT && ipv6_unspecified(&ip) &&
-                !bpf_skb_load_bytes(skb, icmp6_off + NDP_TARGET_OFF, &target, sizeof(target)) &&
-                !ipv6_unspecified(&target) && !ipv6_multicast(&target))
-                learn_ip(&target, &src, now, skb->len);
+             * to use; it is bound below. */
+            dad = type == ICMPV6_NEIGHBOUR_SOLICIT && ipv6_unspecified(&ip) &&
+                  !bpf_skb_load_bytes(skb, icmp6_off + NDP_TARGET_OFF, &dad_target, sizeof(dad_target)) &&
+                  !ipv6_unspecified(&dad_target) && !ipv6_multicast(&dad_target);
         }
     }
-    if (learn && learn_ip(&ip, &src, now, skb->len))
-        return TC_ACT_SHOT;
+
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct binding *known = learn ? bindings.lookup(&ip) : NULL;
+    if (known && mac_eq(known->mac, src.addr)) {
+        /* The fast path: a binding implies its MAC is in vm_macs (learned first, never aged while
+         * bound), so only the binding is refreshed. */
+        touch(&known->last_seen_ns, now);
+        __sync_fetch_and_add(&known->tx_packets, 1);
+        __sync_fetch_and_add(&known->tx_bytes, skb->len);
+    } else {
+        if (learn_mac(&src, now))
+            return TC_ACT_SHOT;
+        if (learn && bind_ip(&ip, &src, now, known, 1, skb->len))
+            return TC_ACT_SHOT;
+        /* A claim of the host's address by DAD is refused, but the probe goes on, so the host
+         * can defend its address and the VM learns it may not have it. */
+        if (dad)
+            learn_ip(&dad_target, &src, now, skb->len);
+    }
 
     if (mac_eq(dst.addr, cfg->wifi_mac)) {
         count(MACNAT_CNT_VM_TO_HOST);
@@ -511,7 +548,13 @@ int uplink_egress(struct __sk_buff *skb)
         bpf_skb_store_bytes(skb, ARP_THA_OFF, cfg->wifi_mac, 6, 0);
     if (udp_off)
         set_dhcp_broadcast(skb, udp_off);
-    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), cfg->wifi_mac, 6, 0);
+    /* The helpers above may have moved the data: find the header again, then write in place. */
+    eth = (void *)(long)skb->data;
+    if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
+        count(MACNAT_CNT_DROP_MALFORMED);
+        return TC_ACT_SHOT;
+    }
+    __builtin_memcpy(eth->h_source, cfg->wifi_mac, 6);
     count(MACNAT_CNT_VM_TO_WIFI);
     return bpf_redirect(cfg->wifi_ifindex, 0);
 }
@@ -697,7 +740,7 @@ int wifi_egress(struct __sk_buff *skb)
     }
     struct mac_addr dst;
     __builtin_memcpy(dst.addr, eth->h_dest, 6);
-    if (vm_macs.lookup(&dst)) {
+    if (is_vm_mac(&dst)) {
         count(MACNAT_CNT_HOST_TO_VM);
         return bpf_redirect(cfg->bridge_ifindex, 0);
     }

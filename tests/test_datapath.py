@@ -78,6 +78,15 @@ def test_map_mirrors_match_the_compiled_c_layout(dp):
                 assert ours == theirs, name
 
 
+def test_vm_hint_slot_mirror_matches_the_datapath(datapath):
+    """maps.vm_hint_slot() finds the slot the datapath sets when it learns a MAC."""
+    for mac in ("52:54:00:00:01:01", "bc:24:11:9a:fe:07", "02:00:00:ff:ff:ff"):
+        datapath.reset()
+        datapath.run("uplink_egress", bytes(Ether(src=mac, dst=LAN_MAC) / ARP(op=2, hwsrc=mac)), TAP_IFINDEX_OF_VM)
+        assert [slot.value for slot, hint in datapath.maps.vm_hints.items() if hint.value] == \
+            [maps.vm_hint_slot(mac_bytes(mac))]
+
+
 # ---- VM -> Wi-Fi (uplink_egress) --------------------------------------------------------------
 
 def test_vm_arp_request_is_translated_learned_and_heard_by_the_host(datapath):

@@ -31,6 +31,7 @@ MAX_VM_MACS = 4096
 MAX_LAN_MACS = 4096
 MAX_HOST_ADDRS = 256
 MAX_REFUSALS = 256
+VM_HINT_SLOTS = 4096        # a cheap "certainly not a VM MAC" before the vm_macs lookup
 
 BINDING_STATIC = 1          # set by the user; never aged, never moved by learning
 CFG_CREATED_CLSACT = 1      # the loader created wifi's clsact qdisc, so detach may remove it
@@ -43,7 +44,7 @@ PROGRAMS = {  # function in bpf/macnat.c -> (device role, hook)
     "wifi_egress": ("wifi", "egress"),
     "uplink_egress": ("uplink", "egress"),
 }
-MAP_NAMES = ("config", "counters", "bindings", "vm_macs", "lan_macs", "host_addrs", "refusals")
+MAP_NAMES = ("config", "counters", "bindings", "vm_macs", "vm_hints", "lan_macs", "host_addrs", "refusals")
 
 
 def cflags() -> list[str]:
@@ -54,6 +55,7 @@ def cflags() -> list[str]:
         "MACNAT_MAX_LAN_MACS": MAX_LAN_MACS,
         "MACNAT_MAX_HOST_ADDRS": MAX_HOST_ADDRS,
         "MACNAT_MAX_REFUSALS": MAX_REFUSALS,
+        "MACNAT_VM_HINT_SLOTS": VM_HINT_SLOTS,
         "MACNAT_BINDING_STATIC": BINDING_STATIC,
         "MACNAT_CFG_CREATED_CLSACT": CFG_CREATED_CLSACT,
     }

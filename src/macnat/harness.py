@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from macnat import bpfsys, constants, loader, maps
-from macnat.maps import Binding, MacAddr, MacSeen, ip_key, mac_bytes
+from macnat.maps import Binding, ip_key, mac_bytes
 from macnat.netns import Namespace
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -72,7 +72,7 @@ class Harness:
         return self._empty.load_func(b"empty", bcc.BPF.SCHED_CLS).fd
 
     def reset(self, host_addresses: tuple[str, ...] = ()) -> None:
-        for name in ("bindings", "vm_macs", "lan_macs", "host_addrs", "refusals"):
+        for name in ("bindings", "vm_macs", "vm_hints", "lan_macs", "host_addrs", "refusals"):
             self.maps.by_name[name].clear()
         for ip in host_addresses:
             self.maps.host_addrs.update(ip_key(ip), maps.u8(1))
@@ -87,7 +87,7 @@ class Harness:
         return Run(result.retval, result.data, moved, result.duration_ns)
 
     def bind(self, ip: str, mac: str, flags: int = 0) -> None:
-        self.maps.vm_macs.update(MacAddr(mac_bytes(mac)), MacSeen(last_seen_ns=1))
+        self.maps.add_vm_mac(mac_bytes(mac), last_seen_ns=1)
         self.maps.bindings.update(ip_key(ip), Binding(mac=mac_bytes(mac), flags=flags, last_seen_ns=1))
 
     def binding(self, ip: str) -> Binding | None:

@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 from macnat import attachment, constants, loader, netlink
 from macnat.attachment import Attachment
 from macnat.errors import MacnatError
-from macnat.maps import Binding, MacAddr, MacSeen, ip_key, ip_str, mac_bytes, mac_str, u8, u32
+from macnat.maps import Binding, ip_key, ip_str, mac_bytes, mac_str, u8, u32
 
 log = logging.getLogger("macnat")
 
@@ -116,7 +116,7 @@ class Manager:
             if ip in self.host_addrs:
                 log.warning("static binding %s refused: it is an address of this host (%s)", ip, self.host_addrs[ip])
                 continue
-            self.maps.vm_macs.update(MacAddr(mac_bytes(mac)), MacSeen(last_seen_ns=now))
+            self.maps.add_vm_mac(mac_bytes(mac), last_seen_ns=now)
             self.maps.bindings.update(ip_key(ip), Binding(mac=mac_bytes(mac), flags=constants.BINDING_STATIC,
                                                           last_seen_ns=now))
             log.info("static binding %s at %s", ip, mac)

@@ -53,6 +53,7 @@ LAYOUT: dict[str, tuple[type, type]] = {
     "counters": (u32, u64),
     "bindings": (IpAddr, Binding),
     "vm_macs": (MacAddr, MacSeen),
+    "vm_hints": (u32, u8),
     "lan_macs": (MacAddr, MacSeen),
     "host_addrs": (IpAddr, u8),
     "refusals": (IpAddr, Refusal),
@@ -91,6 +92,11 @@ def mac_bytes(mac: str) -> MacBytes:
         raise MacnatError(f"'{mac}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)") from None
 
 
+def vm_hint_slot(mac: MacBytes) -> int:
+    """The vm_hints slot of a MAC: hint_slot() in bpf/macnat.c (a test checks they agree)."""
+    return (mac[3] << 16 | mac[4] << 8 | mac[5]) % constants.VM_HINT_SLOTS
+
+
 def mac_str(mac: MacBytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
@@ -102,6 +108,7 @@ class Map:
         self.name, self.fd = name, fd
         self.key_type, self.value_type = LAYOUT[name]
         self.percpu = info.type in (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_HASH)
+        self.array = info.type in (bpfsys.BPF_MAP_TYPE_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY)
         self.max_entries = info.max_entries
         if (info.key_size, info.value_size) != (ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)):
             raise MacnatError(f"map '{name}' has key/value sizes {info.key_size}/{info.value_size}, this macnat "
@@ -136,8 +143,12 @@ class Map:
                 yield key, value
 
     def clear(self) -> None:
+        """Remove every element; an array's elements cannot go, so they become zero."""
         for key in list(self.keys()):
-            self.delete(key)
+            if self.array:
+                self.update(key, self._value_buffer())
+            else:
+                self.delete(key)
 
 
 @dataclass
@@ -180,6 +191,11 @@ class Maps:
 
     def current_config(self) -> Config:
         return self.by_name["config"].lookup(u32(0))
+
+    def add_vm_mac(self, mac: MacBytes, last_seen_ns: int) -> None:
+        """Make a MAC known as a VM's, as the datapath's learn_mac() does."""
+        self.by_name["vm_macs"].update(MacAddr(mac), MacSeen(last_seen_ns=last_seen_ns))
+        self.by_name["vm_hints"].update(u32(vm_hint_slot(mac)), u8(1))
 
     def counter_totals(self) -> dict[str, int]:
         out = {}
