@@ -19,7 +19,8 @@ command -v apt-get >/dev/null || die "this set-up needs a Debian-based system (a
 
 # Debian's python3-bpfcc is bcc; PyPI's "bcc" is an unrelated package and is never installed.
 packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client
-          iperf3 tcpdump iputils-ping bpftool)
+          iperf3 tcpdump iputils-ping bpftool
+          ebtables iptables parprouted dhcp-helper)   # the alternatives the benchmarks compare
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 apt_updated=
@@ -29,7 +30,11 @@ apt_install() {
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ -z "$apt_updated" ]; then apt-get update -q >/dev/null; apt_updated=1; fi
     say "installing ${missing[*]}"
+    # Start no daemon on install (dhcp-helper and iperf3 ship services): the lab runs its own in namespaces.
+    local policy=/usr/sbin/policy-rc.d created=
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1; fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    if [ -n "$created" ]; then rm -f "$policy"; fi
 }
 apt_has() {
     if [ -z "$apt_updated" ] && ! apt-cache show "$1" >/dev/null 2>&1; then
@@ -84,8 +89,8 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 stamp="$venv/.macnat-installed"
 want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    say "installing macnat into $venv (editable, with test extras)"
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
+    say "installing macnat into $venv (editable, with test and benchmark extras)"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test,bench]"
     echo "$want" >"$stamp"
 fi
 "$venv/bin/python" -c 'import bcc, macnat' || die "the venv cannot import bcc and macnat"

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -280,6 +281,26 @@ def lab_demo() -> None:
     require_root()
     if not demo.run():
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="A short smoke run (what CI runs): too short for conclusions")] = False,
+    rounds: Annotated[Optional[int], typer.Option(help="Interleaved lab rounds (default 10; 1 with --quick)")] = None,
+    output: Annotated[Path, typer.Option(help="Where benchmarks.md and benchmarks.png go")] = Path("docs"),
+) -> None:
+    """Measure macnat next to plain bridging and the alternatives, side by side, on the lab.
+
+    Needs the lab's tools and the alternatives (ebtables, iptables, parprouted, dhcp-helper), as
+    ./setup.sh installs them. Replaces any lab that is up.
+    """
+    require_root()
+    try:
+        from macnat import bench as benchmarks
+    except ImportError as exc:
+        raise MacnatError(f"the benchmarks need {exc.name}: pip install 'macnat[bench]'") from None
+    report = benchmarks.run(quick, rounds, output, say=lambda text: typer.echo(text, err=True))
+    typer.echo(f"wrote {report} and {report.with_suffix('.png')}")
 
 
 def main() -> None:
