@@ -15,6 +15,7 @@ import platform
 import re
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ class Plan:
 
 def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
     vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
+    setups.forget_neighbours()
     setup.up(workdir)
     try:
         traffic.wait_reachable(vm1, lanhost.ip)
@@ -100,6 +102,33 @@ def lab_comparison(plan: Plan, workdir: Path, say) -> dict:
         per["lan_reaches_vm"] = all(rnd[setup.key]["lan_reaches_vm"] for rnd in rounds)
         summary[setup.key] = {"title": setup.title, **per}
     return summary
+
+
+def profile(plan: Plan, workdir: Path) -> dict:
+    """Where the CPU goes during one TCP VM -> LAN transfer under (a) and (b): perf, system-wide."""
+    if shutil.which("perf") is None:
+        return {}
+    vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
+    found = {}
+    for setup in setups.SETUPS[:2]:
+        setups.forget_neighbours()
+        setup.up(workdir)
+        try:
+            traffic.wait_reachable(vm1, lanhost.ip)
+            data = workdir / f"perf-{setup.key}.data"
+            recorder = subprocess.Popen(["perf", "record", "-a", "-g", "-o", str(data), "--", "sleep",
+                                         str(plan.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            gbits = traffic.tcp_gbits(vm1, lanhost.ns, lanhost.ip, plan.seconds, reverse=False)
+            recorder.wait(60)
+        finally:
+            setup.down()
+        report_text = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "symbol",
+                                      "--stdio"], capture_output=True, text=True).stdout
+        shares = [(float(m.group(1)), m.group(2)) for m in
+                  re.finditer(r"^\s+([\d.]+)%\s+\[k\]\s+(\S+)", report_text, re.MULTILINE)]
+        found[setup.key] = {"gbits": gbits, "top": shares[:12],
+                            "bpf_percent": sum(p for p, sym in shares if sym.startswith("bpf_prog_"))}
+    return found
 
 
 def learning(plan: Plan, workdir: Path) -> dict:
@@ -189,6 +218,8 @@ def run(quick: bool, rounds: int | None, output: Path, say=print) -> Path:
         try:
             say(f"3. lab throughput and latency, {plan.rounds} interleaved round(s) of 5 setups ...")
             results["lab"] = lab_comparison(plan, workdir, say)
+            say("   profiling one TCP transfer under (a) and (b) ...")
+            results["profile"] = profile(plan, workdir)
             say("4. learning ...")
             results["learning"] = learning(plan, workdir)
             say("5. cost of running ...")

@@ -145,6 +145,14 @@ class Masquerade(Setup):
 SETUPS: list[Setup] = [PlainBridge(), Macnat(), EbtablesNat(), ProxyArpRouting(), Masquerade()]
 
 
+def forget_neighbours() -> None:
+    """Every setup starts from empty neighbour caches: what one setup taught the LAN (a VM behind
+    the laptop's MAC, say) would otherwise mislead the next one until it timed out."""
+    for host in (lab.ROUTER, lab.LANHOST, *lab.VMS.values()):
+        host.ns.ip("neigh", "flush", "dev", host.ifname)
+    lab.LAPTOP.ns.ip("neigh", "flush", "all")
+
+
 def prepare_lab() -> None:
     lab.up()
     laptop_sysctl(**{"net__bridge__bridge-nf-call-iptables": 0, "net__bridge__bridge-nf-call-ip6tables": 0,
