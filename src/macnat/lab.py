@@ -190,20 +190,26 @@ def dhcp(vm: str, renew_after: int | None = None) -> str | None:
     On success dhclient stays in the background and renews (after `renew_after` seconds if given,
     else at the server's T1), as in a real VM.
     """
-    host = VMS[vm]
     release(vm)
-    conf = STATE_DIR / f"dhclient-{vm}.conf"
-    conf.write_text(f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
-                    "request subnet-mask, broadcast-address, routers;\n"
-                    + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else ""))
-    proc = host.ns.run("dhclient", "-1", "-v", "-cf", str(conf),
+    conf = (f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
+            "request subnet-mask, broadcast-address, routers;\n"
+            + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else ""))
+    return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf) else None
+
+
+def _dhclient(vm: str, kind: str, options: list[str], conf: str) -> bool:
+    """Run isc dhclient once in the VM, its files named after `kind`; True when it got a lease."""
+    host = VMS[vm]
+    conf_path = STATE_DIR / f"{kind}-{vm}.conf"
+    conf_path.write_text(conf)
+    proc = host.ns.run("dhclient", *options, "-1", "-v", "-cf", str(conf_path),
                        "-sf", str(STATE_DIR / "dhclient-script"),
-                       "-pf", str(STATE_DIR / f"dhclient-{vm}.pid"),
-                       "-lf", str(STATE_DIR / f"dhclient-{vm}.leases"), host.ifname,
+                       "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"),
+                       "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), host.ifname,
                        check=False, timeout=DHCP_TIMEOUT + 10)
-    with open(STATE_DIR / f"dhclient-{vm}.log", "a") as log:
+    with open(STATE_DIR / f"{kind}-{vm}.log", "a") as log:
         log.write(proc.stdout + proc.stderr)
-    return vm_ip(vm) if proc.returncode == 0 else None
+    return proc.returncode == 0
 
 
 def dhcp_all() -> dict[str, str | None]:
@@ -225,16 +231,7 @@ def dhcp6(vm: str) -> str | None:
         if time.monotonic() > deadline:
             raise MacnatError(f"{vm}'s link-local address stayed tentative")
         time.sleep(0.1)
-    conf = STATE_DIR / f"dhclient6-{vm}.conf"
-    conf.write_text(f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\n")
-    proc = host.ns.run("dhclient", "-6", "-1", "-v", "-D", "LL", "-cf", str(conf),
-                       "-sf", str(STATE_DIR / "dhclient-script"),
-                       "-pf", str(STATE_DIR / f"dhclient6-{vm}.pid"),
-                       "-lf", str(STATE_DIR / f"dhclient6-{vm}.leases"), host.ifname,
-                       check=False, timeout=DHCP_TIMEOUT + 10)
-    with open(STATE_DIR / f"dhclient6-{vm}.log", "a") as log:
-        log.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
+    if not _dhclient(vm, "dhclient6", ["-6", "-D", "LL"], f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\n"):
         return None
     return _wait_address(vm, lambda info: info["prefixlen"] == 128, "DHCPv6")  # IA_NA addresses are /128
 

@@ -73,8 +73,10 @@ dhcp() { # namespace-or-"-", interface, [-6]: prints the leased address
                -pf "$RUN/dhclient-$tag.pid" -lf "$RUN/dhclient-$tag.leases" "$ifc")
     [ "$fam" = -6 ] && cmd+=(-D LL)
     if [ "$ns" = - ]; then "${cmd[@]}" >>"$LOG/dhclient.log" 2>&1; else in_ns "$ns" "${cmd[@]}" >>"$LOG/dhclient.log" 2>&1; fi || return 1
-    local show=(ip -o "$fam" addr show dev "$ifc" scope global)
-    if [ "$ns" = - ]; then "${show[@]}"; else in_ns "$ns" "${show[@]}"; fi | awk '{print $4}' | cut -d/ -f1 | tail -n 1
+    local show=(ip -o "$fam" addr show dev "$ifc" scope global) want='.'
+    [ "$fam" = -6 ] && want='/128$'  # DHCPv6 (IA_NA) addresses, not the SLAAC /64 ones
+    if [ "$ns" = - ]; then "${show[@]}"; else in_ns "$ns" "${show[@]}"; fi |
+        awk -v want="$want" '$4 ~ want {print $4}' | cut -d/ -f1 | tail -n 1
 }
 
 say "mac80211_hwsim with 2 radios"
@@ -118,6 +120,7 @@ in_ns ns-ap dnsmasq --conf-file=/dev/null --port=0 --interface=br-lan --bind-int
 
 say "the laptop: the station radio with wpa_supplicant, vmbr0 and two VMs"
 cat >"$RUN/wpa.conf" <<EOF
+ctrl_interface=/run/wpa_supplicant
 network={
     ssid="$SSID"
     psk="$PSK"
