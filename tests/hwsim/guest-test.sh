@@ -68,7 +68,7 @@ EOF
 chmod +x "$RUN/dhclient-script"
 printf 'timeout 20;\nretry 1;\ninitial-interval 1;\n' >"$RUN/dhclient.conf"
 dhcp() { # namespace-or-"-", interface, [-6]: prints the leased address
-    local ns=$1 ifc=$2 fam=${3:--4} tag="$1-$2$3"
+    local ns=$1 ifc=$2 fam=${3:--4} tag="$1-$2${3:-}"
     local cmd=(dhclient "$fam" -1 -v -cf "$RUN/dhclient.conf" -sf "$RUN/dhclient-script"
                -pf "$RUN/dhclient-$tag.pid" -lf "$RUN/dhclient-$tag.leases" "$ifc")
     [ "$fam" = -6 ] && cmd+=(-D LL)
@@ -139,7 +139,6 @@ for i in 1 2; do
     ip link add tap10$i type veth peer name eth0 netns ns-vm$i
     in_ns ns-vm$i ip link set eth0 address "${VM_MACS[$i]}"
     ip link set tap10$i master vmbr0 up
-    in_ns ns-vm$i ip link set eth0 up
 done
 
 say "1. the problem is real"
@@ -170,6 +169,9 @@ macnat=/tmp/macnat-venv/bin/macnat
 $macnat attach wlan1 vmbr0 >"$LOG/macnat.log" 2>&1 &
 manager_pid=$!
 check "macnat attached and managing (bcc compile inside the VM)" wait_for 120 grep -q managing "$LOG/macnat.log"
+# The VMs boot now, with macnat in place, as they would under a macnat service: their first router
+# solicitations and DHCP requests go through it.
+for i in 1 2; do in_ns ns-vm$i ip link set eth0 up; done
 vm1=$(dhcp ns-vm1 eth0) vm2=$(dhcp ns-vm2 eth0)
 check "both VMs leased from the AP side's dnsmasq: vm1 $vm1, vm2 $vm2" \
     test -n "$vm1" -a -n "$vm2" -a "$vm1" != "$vm2"

@@ -19,7 +19,7 @@ say() { printf 'hwsim: %s\n' "$*" >&2; }
 die() { printf 'hwsim: error: %s\n' "$*" >&2; exit 2; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (debootstrap)"
-for tool in qemu-system-x86_64 debootstrap busybox; do
+for tool in qemu-system-x86_64 debootstrap busybox modprobe cpio zstd; do
     command -v "$tool" >/dev/null || die "$tool is missing (./setup.sh installs it)"
 done
 
@@ -33,27 +33,36 @@ mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ && $2
 [ -n "$mirror" ] || mirror=$(awk -v s="$codename" '$1 == "deb" && $3 == s {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
 [ -n "$mirror" ] || die "no Debian mirror for $codename in apt's sources"
 
-recipe=$(printf '%s\n' "$codename" "${GUEST_PACKAGES[*]}" "${INITRAMFS_MODULES[*]}" "$(sed -n '/^build_guest()/,/^}/p' "$0")" | sha256sum | cut -c1-16)
+# Two cached parts, each rebuilt only when its recipe (inputs and the function that builds it) changes.
+recipe() { printf '%s\n' "$@" "$(sed -n "/^$1()/,/^}/p" "$0")" | sha256sum | cut -c1-16; }
 
-build_guest() {
+build_root() {
     local root="$cache/root.new"
-    rm -rf "$root" "$cache/root" "$cache/initramfs.cpio.gz"
+    rm -rf "$root" "$cache/root"
     mkdir -p "$cache"
     say "building the guest root with debootstrap ($codename, $(IFS=,; echo "${GUEST_PACKAGES[*]}"))"
     debootstrap --variant=minbase --include="$(IFS=,; echo "${GUEST_PACKAGES[*]}")" "$codename" "$root" "$mirror" \
         >"$cache/debootstrap.log" 2>&1 || { tail -n 30 "$cache/debootstrap.log" >&2; die "debootstrap failed"; }
     rm -rf "$root/var/cache/apt/archives"/*.deb
     mkdir -p "$root/mnt/share"
-    local kernel ver
+    local kernel ver build
     kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -n 1)
     ver=${kernel##*/vmlinuz-}
-    [ -e "$root/lib/modules/$ver/build" ] || die "the guest has no headers for its kernel $ver"
+    build=$(readlink "$root/lib/modules/$ver/build")  # absolute: resolve it inside the root
+    [ -d "$root$build" ] || die "the guest has no headers for its kernel $ver"
+    mv "$root" "$cache/root"
+}
 
+build_initramfs() {
+    local root="$cache/root" kernel ver init deps order=() mod verb path
+    kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -n 1)
+    ver=${kernel##*/vmlinuz-}
     say "building the initramfs (busybox and ${INITRAMFS_MODULES[*]} from kernel $ver)"
-    local init; init=$(mktemp -d)
+    deps=$(modprobe -a -d "$root" -S "$ver" --show-depends "${INITRAMFS_MODULES[@]}") \
+        || die "modprobe cannot resolve ${INITRAMFS_MODULES[*]} in the guest's kernel $ver"
+    init=$(mktemp -d)
     mkdir -p "$init"/{bin,dev,proc,sys,newroot,modules}
     cp "$(command -v busybox)" "$init/bin/busybox"
-    local order=() mod
     while read -r verb path _; do
         [ "$verb" = insmod ] || continue
         mod=$(basename "$path")
@@ -63,7 +72,8 @@ build_guest() {
             *) cp "$path" "$init/modules/$mod" ;;
         esac
         order+=("$mod")
-    done < <(modprobe -d "$root" -S "$ver" --show-depends "${INITRAMFS_MODULES[@]}" | awk '!seen[$0]++')
+    done < <(awk '!seen[$0]++' <<<"$deps")
+    [ ${#order[@]} -gt 0 ] || die "no modules to load for ${INITRAMFS_MODULES[*]}"
     printf '%s\n' "${order[@]}" >"$init/modules/order"
     cat >"$init/init" <<'EOF'
 #!/bin/busybox sh
@@ -81,16 +91,21 @@ EOF
     (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) >"$cache/initramfs.cpio.gz"
     rm -rf "$init"
     cp "$kernel" "$cache/vmlinuz"
-    mv "$root" "$cache/root"
-    echo "$recipe" >"$cache/recipe"
 }
 
-if [ "$(cat "$cache/recipe" 2>/dev/null)" = "$recipe" ] && [ -d "$cache/root" ]; then
-    say "reusing the guest in $cache (recipe $recipe)"
+root_recipe=$(recipe build_root "$codename" "${GUEST_PACKAGES[*]}")
+if [ "$(cat "$cache/root.recipe" 2>/dev/null)" = "$root_recipe" ] && [ -d "$cache/root" ]; then
+    say "reusing the guest root in $cache (recipe $root_recipe)"
 else
     started=$SECONDS
-    build_guest
-    say "guest built in $((SECONDS - started)) s: $(du -sh "$cache/root" | cut -f1)"
+    build_root
+    echo "$root_recipe" >"$cache/root.recipe"
+    say "guest root built in $((SECONDS - started)) s: $(du -sh "$cache/root" | cut -f1)"
+fi
+initramfs_recipe=$(recipe build_initramfs "$root_recipe" "${INITRAMFS_MODULES[*]}")
+if [ "$(cat "$cache/initramfs.recipe" 2>/dev/null)" != "$initramfs_recipe" ] || [ ! -s "$cache/initramfs.cpio.gz" ]; then
+    build_initramfs
+    echo "$initramfs_recipe" >"$cache/initramfs.recipe"
 fi
 
 share=$(mktemp -d /tmp/macnat-hwsim-share.XXXXXX)
