@@ -178,6 +178,22 @@ def render(r: dict, plot_name: str) -> str:
         "command's time; the detach itself (SIGTERM to the manager, which removes everything) is the row above.",
         "",
     ]
+    changes = []
+    if worst < bench.TARGET_THROUGHPUT_RATIO or not ahead:
+        changes.append(
+            "- Throughput: macnat's programs are a fraction of a percent of the CPU in a transfer, so the remaining "
+            "per-packet work is the kernel's: a frame macnat redirects runs through wlan0's egress hook a second "
+            "time (a mark set by uplink_egress would let wifi_egress return at once), and the binding counters "
+            "are atomic adds on a shared cache line (per-CPU counters would avoid that). Before that, measure "
+            "on a machine with more cores, iperf3 and softirqs pinned: on 2 cores the rounds vary by about 30%.")
+    if run["attached_s"] >= bench.TARGET_ATTACH_S:
+        changes.append(
+            "- Attach: the bcc compile is most of it, and it is paid on every attach. Loading a pre-built object "
+            "(clang at build time, CO-RE) would take it to tens of milliseconds, at the price of a build step "
+            "and a second loader next to bcc; a smaller source (fewer inlined helpers) would cut the compile "
+            "a little.")
+    if changes:
+        out += ["## What we would change", "", *changes, ""]
     return "\n".join(out)
 
 
