@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from macnat import lab
-from macnat.lab import RunningManager, macnat, neighbours, ping
+from macnat.lab import RunningManager, neighbours, ping
 from nettest import tcp_transfer
 from test_attach import VM1, VM2, counters, table, wait_for
 
@@ -37,7 +37,7 @@ def v6(tmp_path_factory):
 
 def test_vms_get_slaac_and_dhcpv6_addresses_with_their_own_duids(v6):
     _, _, slaac, dhcp6 = v6
-    for vm, host in lab.VMS.items():
+    for vm in lab.VMS:
         assert slaac[vm].startswith(lab.IPV6_PREFIX) and dhcp6[vm] and dhcp6[vm].startswith(lab.IPV6_PREFIX)
     # dnsmasq's lease file: "<expiry> <iaid> <address> <hostname> <client DUID>" for DHCPv6 leases
     records = [line.split() for line in (lab.STATE_DIR / "dnsmasq.leases").read_text().splitlines()]

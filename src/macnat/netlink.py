@@ -3,6 +3,7 @@ entries, and a watcher that says when addresses or links changed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -76,10 +77,8 @@ def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
 
 
 def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:
-    try:
+    with contextlib.suppress(NetlinkError):  # already gone (the port was removed, or the bridge dropped it)
         ipr.fdb("del", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
-    except NetlinkError:
-        pass  # already gone (the port was removed, or the bridge dropped it)
 
 
 def fdb_static_macs(ipr: IPRoute, port: int) -> set[str]:

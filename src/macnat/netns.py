@@ -7,7 +7,6 @@ tests exercise is what a user sees.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -121,7 +120,3 @@ class Namespace:
 
     def ip(self, *args: str) -> str:
         return self.run("ip", *args).stdout
-
-    def link(self, ifname: str) -> dict:
-        """`ip -j -d link show` of one interface in this namespace."""
-        return json.loads(self.ip("-j", "-d", "link", "show", "dev", ifname))[0]

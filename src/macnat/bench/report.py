@@ -126,7 +126,7 @@ def render(r: dict, plot_name: str) -> str:
             "| --- | ---: | --- | ---: |",
         ]
         pa, pb = r["profile"]["a"], r["profile"]["b"]
-        for (sa, na), (sb, nb) in zip(pa["top"], pb["top"]):
+        for (sa, na), (sb, nb) in zip(pa["top"], pb["top"], strict=False):  # as many rows as the shorter
             out.append(f"| `{na}` | {sa:.1f} | `{nb}` | {sb:.1f} |")
         out += [
             "",
