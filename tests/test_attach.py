@@ -233,11 +233,10 @@ def test_kill_9_keeps_traffic_flowing_and_a_new_attach_adopts(attached, tmp_path
     (status,) = json.loads(macnat("status", "--json").stdout)
     assert status["manager_pid"] is None and "no manager" in macnat("status").stdout
     successor = RunningManager(log=tmp_path / "successor.log")
+    manager.proc, manager.log = successor.proc, successor.log  # the next tests and the teardown stop it
     assert "adopting the running datapath on wlan0" in successor.text()
     assert f"{leases['vm1']} at {VM1.mac}" in successor.text()
     assert set(leases.values()) <= set(table())
-    attached[0].proc = successor.proc  # the fixture's teardown stops the successor
-    attached[0].log = successor.log
 
 
 def test_sigterm_detaches_and_leaves_nothing(attached):

@@ -373,16 +373,14 @@ class RunningManager:
     def __init__(self, *args: str, log: Path, executable: str = MACNAT):
         self.log = log
         self.proc = LAPTOP.ns.spawn(executable, "attach", LAPTOP.ifname, BRIDGE, *args, log=log)
+        # Ready once the manager says it is managing: it logs that after adopting or learning the tables
+        # (the lock, and so `macnat status`, names this PID earlier, from before the exec).
         deadline = time.monotonic() + 30
-        while not self._managing():
+        while "macnat: managing " not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 raise MacnatError(f"macnat attach did not come up: {self.text().strip()}")
-            time.sleep(0.1)
-
-    def _managing(self) -> bool:
-        status = macnat("status", "--json", check=False)
-        return status.returncode == 0 and any(a["manager_pid"] == self.proc.pid for a in json.loads(status.stdout))
+            time.sleep(0.05)
 
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
