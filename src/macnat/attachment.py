@@ -21,6 +21,7 @@ from pyroute2 import IPRoute
 
 from macnat import constants, netlink
 from macnat.errors import MacnatError
+from macnat import loader
 from macnat.loader import FILTER_NAME_PREFIX, uplink_names
 from macnat.maps import Config, Maps, mac_str
 
@@ -57,6 +58,11 @@ class Attachment:
 
     def close(self) -> None:
         self.maps.close()
+
+    def detach(self) -> None:
+        """Remove it from the kernel (what remains of it: each step tolerates what is already gone)."""
+        created_clsact = bool(self.maps.current_config().flags & constants.CFG_CREATED_CLSACT)
+        loader.detach(self.wifi.index, self.uplink.index if self.uplink else None, created_clsact)
 
     def describe(self) -> dict:
         lock = ManagerLock(self.wifi)

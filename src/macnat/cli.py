@@ -113,29 +113,20 @@ def detach(wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interfa
     import signal
     import time
 
-    from pyroute2 import IPRoute
+    from macnat import attachment
 
-    from macnat import attachment, constants, loader
-
-    require_root()
-    with IPRoute() as ipr:
-        targets = [attachment.require(ipr, wifi)] if wifi else attachment.find_all(ipr)
-        if not targets:
-            raise MacnatError("macnat is not attached to anything in this network namespace")
-        for found in targets:
-            lock = attachment.ManagerLock(found.wifi)
-            pid = lock.holder()
-            if pid and pid > 0:
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 10
-                while lock.holder() and time.monotonic() < deadline:
-                    time.sleep(0.02)
-            if attachment.find(ipr, found.wifi.name):  # no manager, or it did not finish
-                loader.detach(found.wifi.index, found.uplink.index if found.uplink else None,
-                              bool(found.config.flags & constants.CFG_CREATED_CLSACT))
-            lock.discard_if_stale()
-            found.close()
-            typer.echo(f"detached from {found.wifi.name}")
+    for found in _attachments(wifi):
+        lock = attachment.ManagerLock(found.wifi)
+        pid = lock.holder()
+        if pid and pid > 0:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while lock.holder() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        found.detach()  # all of it without a manager; whatever a manager that did not finish left
+        lock.discard_if_stale()
+        found.close()
+        typer.echo(f"detached from {found.wifi.name}")
 
 
 def _attachments(wifi: Optional[str]):

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 from pyroute2 import IPRoute
 
-from macnat import attachment, constants, loader, netlink
+from macnat import attachment, constants, netlink
 from macnat.attachment import Attachment
 from macnat.errors import MacnatError
 from macnat.maps import Binding, ip_key, ip_str, mac_bytes, mac_str, u8, u32
@@ -275,9 +275,7 @@ class Manager:
         self.detach()
 
     def detach(self) -> None:
-        config = self.maps.current_config()
-        loader.detach(self.attachment.wifi.index, self.attachment.uplink.index if self.attachment.uplink else None,
-                      bool(config.flags & constants.CFG_CREATED_CLSACT))
+        self.attachment.detach()
         self.close()
         log.info("detached from %s", self.attachment.wifi.name)
 
