@@ -149,6 +149,21 @@ static __always_inline int pull(struct __sk_buff *skb, __u32 len)
            (void *)(long)skb->data + len <= (void *)(long)skb->data_end;
 }
 
+/* The header after Ethernet, with the frame's first `len` bytes directly addressable, and `eth` (if
+ * asked for) pointing at the Ethernet header again; NULL when the frame is shorter than `len`. Every
+ * packet pointer is invalid after the pull, so both come from skb->data afresh. */
+static __always_inline void *l3_header(struct __sk_buff *skb, __u32 len, struct ethhdr **eth)
+{
+    if (!pull(skb, len))
+        return NULL;
+    void *data = (void *)(long)skb->data;
+    if (data + len > (void *)(long)skb->data_end)
+        return NULL;
+    if (eth)
+        *eth = data;
+    return data + sizeof(struct ethhdr);
+}
+
 static __always_inline void touch(__u64 *last_seen_ns, __u64 now)
 {
     /* Coarse time changes once a tick: most frames read the cache line without dirtying it. */
@@ -426,8 +441,7 @@ int uplink_egress(struct __sk_buff *skb)
         count(MACNAT_CNT_DROP_MALFORMED);
         return TC_ACT_SHOT;
     }
-    void *data = (void *)(long)skb->data;
-    struct ethhdr *eth = data;
+    struct ethhdr *eth = (void *)(long)skb->data;
     struct mac_addr src, dst;
     __builtin_memcpy(src.addr, eth->h_source, 6);
     __builtin_memcpy(dst.addr, eth->h_dest, 6);
@@ -446,14 +460,9 @@ int uplink_egress(struct __sk_buff *skb)
     struct ip_addr ip, dad_target;
     int dad = 0;
     if (proto == bpf_htons(ETH_P_ARP)) {
-        if (!pull(skb, ETH_ARP_LEN)) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        data = (void *)(long)skb->data;
-        struct arp_ipv4 *arp = data + sizeof(struct ethhdr);
-        if ((void *)(arp + 1) > (void *)(long)skb->data_end || arp->htype != ARPHRD_ETHER_BE ||
-            arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 || arp->plen != 4) {
+        struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, NULL);
+        if (!arp || arp->htype != ARPHRD_ETHER_BE || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
+            arp->plen != 4) {
             count(MACNAT_CNT_DROP_MALFORMED);
             return TC_ACT_SHOT;
         }
@@ -463,13 +472,8 @@ int uplink_egress(struct __sk_buff *skb)
         rewrite_sha = mac_eq(arp->sha, src.addr);
         rewrite_tha = mac_eq(arp->tha, src.addr);
     } else if (proto == bpf_htons(ETH_P_IP)) {
-        if (!pull(skb, ETH_IP_LEN)) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        data = (void *)(long)skb->data;
-        struct iphdr *iph = data + sizeof(struct ethhdr);
-        if ((void *)(iph + 1) > (void *)(long)skb->data_end || iph->ihl < 5) {
+        struct iphdr *iph = l3_header(skb, ETH_IP_LEN, NULL);
+        if (!iph || iph->ihl < 5) {
             count(MACNAT_CNT_DROP_MALFORMED);
             return TC_ACT_SHOT;
         }
@@ -483,13 +487,8 @@ int uplink_egress(struct __sk_buff *skb)
                 udp_off = sizeof(struct ethhdr) + iph->ihl * 4;
         }
     } else if (proto == bpf_htons(ETH_P_IPV6)) {
-        if (!pull(skb, ETH_IP6_LEN)) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        data = (void *)(long)skb->data;
-        struct ipv6hdr *ip6h = data + sizeof(struct ethhdr);
-        if ((void *)(ip6h + 1) > (void *)(long)skb->data_end) {
+        struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, NULL);
+        if (!ip6h) {
             count(MACNAT_CNT_DROP_MALFORMED);
             return TC_ACT_SHOT;
         }
@@ -632,8 +631,7 @@ int wifi_ingress(struct __sk_buff *skb)
     struct macnat_config *cfg = get_config();
     if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
         return TC_ACT_OK;
-    void *data = (void *)(long)skb->data;
-    struct ethhdr *eth = data;
+    struct ethhdr *eth = (void *)(long)skb->data;
     struct mac_addr src;
     __builtin_memcpy(src.addr, eth->h_source, 6);
 
@@ -644,13 +642,8 @@ int wifi_ingress(struct __sk_buff *skb)
 
     struct ip_addr dst;
     if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
-        if (!pull(skb, ETH_ARP_LEN))
-            return TC_ACT_OK;
-        data = (void *)(long)skb->data;
-        eth = data;
-        struct arp_ipv4 *arp = data + sizeof(struct ethhdr);
-        if ((void *)(arp + 1) > (void *)(long)skb->data_end || arp->ptype != bpf_htons(ETH_P_IP) ||
-            arp->hlen != 6 || arp->plen != 4)
+        struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, &eth);
+        if (!arp || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 || arp->plen != 4)
             return TC_ACT_OK;
         ipv4_mapped(&dst, load_ipv4(arp->tpa));
         if (host_addrs.lookup(&dst)) {
@@ -671,12 +664,8 @@ int wifi_ingress(struct __sk_buff *skb)
         return to_vms_and_host(skb, cfg, &src);
     }
     if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-        if (!pull(skb, ETH_IP_LEN))
-            return TC_ACT_OK;
-        data = (void *)(long)skb->data;
-        eth = data;
-        struct iphdr *iph = data + sizeof(struct ethhdr);
-        if ((void *)(iph + 1) > (void *)(long)skb->data_end)
+        struct iphdr *iph = l3_header(skb, ETH_IP_LEN, &eth);
+        if (!iph)
             return TC_ACT_OK;
         __be32 daddr = iph->daddr;
         if (daddr == 0xffffffff) {
@@ -692,12 +681,8 @@ int wifi_ingress(struct __sk_buff *skb)
         }
         ipv4_mapped(&dst, daddr);
     } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        if (!pull(skb, ETH_IP6_LEN))
-            return TC_ACT_OK;
-        data = (void *)(long)skb->data;
-        eth = data;
-        struct ipv6hdr *ip6h = data + sizeof(struct ethhdr);
-        if ((void *)(ip6h + 1) > (void *)(long)skb->data_end)
+        struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, &eth);
+        if (!ip6h)
             return TC_ACT_OK;
         __builtin_memcpy(&dst, &ip6h->daddr, sizeof(dst));
         if (ipv6_multicast(&dst)) {
