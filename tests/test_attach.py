@@ -59,7 +59,7 @@ def attached(tmp_path_factory):
     manager = RunningManager(log=tmp_path_factory.mktemp("attach") / "manager.log")
     leases = lab.dhcp_all()
     yield manager, leases
-    manager.stop(signal.SIGKILL)
+    manager.stop()  # SIGTERM, as a user stops it: the manager detaches and removes its lock file
     lab.down()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
@@ -31,7 +30,7 @@ def v6(tmp_path_factory):
     slaac = {vm: lab.wait_slaac(vm) for vm in lab.VMS}
     dhcp6 = {vm: lab.dhcp6(vm) for vm in lab.VMS}
     yield manager, leases4, slaac, dhcp6
-    manager.stop(signal.SIGKILL)
+    manager.stop()  # SIGTERM, as a user stops it: the manager detaches and removes its lock file
     lab.down()
 
 
