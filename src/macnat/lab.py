@@ -256,11 +256,16 @@ def vm_ip(vm: str) -> str | None:
     return next((info["local"] for link in addrs for info in link.get("addr_info", [])), None)
 
 
+def _ipv6_addresses(vm: str) -> list[dict]:
+    """The VM's global IPv6 addresses that passed DAD, as `ip -j addr` describes them."""
+    host = VMS[vm]
+    out = json.loads(host.ns.ip("-j", "-6", "addr", "show", "dev", host.ifname, "scope", "global"))
+    return [info for link in out for info in link.get("addr_info", []) if "local" in info and not info.get("tentative")]
+
+
 def vm_ip6(vm: str) -> list[str]:
     """The VM's global IPv6 addresses that passed DAD (SLAAC and DHCPv6)."""
-    host = VMS[vm]
-    addrs = json.loads(host.ns.ip("-j", "-6", "addr", "show", "dev", host.ifname, "scope", "global"))
-    return [info["local"] for link in addrs for info in link.get("addr_info", []) if "local" in info and not info.get("tentative")]
+    return [info["local"] for info in _ipv6_addresses(vm)]
 
 
 def wait_slaac(vm: str) -> str:
@@ -269,12 +274,10 @@ def wait_slaac(vm: str) -> str:
 
 
 def _wait_address(vm: str, wanted, kind: str, timeout: float = 10) -> str:
-    host = VMS[vm]
     deadline = time.monotonic() + timeout
     while True:
-        out = json.loads(host.ns.ip("-j", "-6", "addr", "show", "dev", host.ifname, "scope", "global"))
-        for info in (i for link in out for i in link.get("addr_info", []) if "local" in i):
-            if info["local"].startswith(IPV6_PREFIX) and wanted(info) and not info.get("tentative"):
+        for info in _ipv6_addresses(vm):
+            if info["local"].startswith(IPV6_PREFIX) and wanted(info):
                 return info["local"]
         if time.monotonic() > deadline:
             raise MacnatError(f"{vm} got no {kind} address in {IPV6_PREFIX}/64 within {timeout:g} s")
