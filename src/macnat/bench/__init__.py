@@ -61,10 +61,7 @@ class Plan:
 
 def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
     vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
-    setups.forget_neighbours()
-    setup.up(workdir)
-    try:
-        traffic.wait_reachable(vm1, lanhost.ip)
+    with setups.active(setup, workdir):
         result = {
             "tcp_up": traffic.tcp_gbits(vm1, lanhost.ns, lanhost.ip, plan.seconds, reverse=False),
             "tcp_down": traffic.tcp_gbits(vm1, lanhost.ns, lanhost.ip, plan.seconds, reverse=True),
@@ -73,9 +70,7 @@ def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
         (result["udp_down"], result["udp_down_loss"]) = traffic.udp64(vm1, lanhost.ns, lanhost.ip, plan.seconds, True)
         result["rtt_p50"], result["rtt_p99"] = traffic.rtt_ms(vm1, lanhost.ip, plan.pings)
         result["lan_reaches_vm"] = lab.ping(lanhost.ns, setups.vm_address("vm1", setup.vm_prefix))
-        return result
-    finally:
-        setup.down()
+    return result
 
 
 def lab_comparison(plan: Plan, workdir: Path, say) -> dict:
@@ -111,17 +106,12 @@ def profile(plan: Plan, workdir: Path) -> dict:
     vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
     found = {}
     for setup in setups.SETUPS[:2]:
-        setups.forget_neighbours()
-        setup.up(workdir)
-        try:
-            traffic.wait_reachable(vm1, lanhost.ip)
+        with setups.active(setup, workdir):
             data = workdir / f"perf-{setup.key}.data"
             recorder = subprocess.Popen(["perf", "record", "-a", "-g", "-o", str(data), "--", "sleep",
                                          str(plan.seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             gbits = traffic.tcp_gbits(vm1, lanhost.ns, lanhost.ip, plan.seconds, reverse=False)
             recorder.wait(60)
-        finally:
-            setup.down()
         report_text = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "symbol",
                                       "--stdio"], capture_output=True, text=True).stdout
         shares = [(float(m.group(1)), m.group(2)) for m in

@@ -7,9 +7,11 @@ so each is measured as its own forwarding path.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from macnat import lab
+from macnat.bench import traffic
 
 VM_PREFIX = "192.168.77."
 NAT_PREFIX = "10.77.0."
@@ -151,6 +153,18 @@ def forget_neighbours() -> None:
     for host in (lab.ROUTER, lab.LANHOST, *lab.VMS.values()):
         host.ns.ip("neigh", "flush", "dev", host.ifname)
     lab.LAPTOP.ns.ip("neigh", "flush", "all")
+
+
+@contextmanager
+def active(setup: Setup, workdir: Path):
+    """The setup in place, from clean neighbour caches, once vm1 reaches the LAN host; removed after."""
+    forget_neighbours()
+    setup.up(workdir)
+    try:
+        traffic.wait_reachable(lab.VMS["vm1"].ns, lab.LANHOST.ip)
+        yield setup
+    finally:
+        setup.down()
 
 
 def prepare_lab() -> None:
