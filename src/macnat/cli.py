@@ -64,7 +64,8 @@ def attach(
 
     An attachment left by a manager that died is adopted, with everything it learned.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    from concurrent.futures import Future
 
     from macnat import loader
 
@@ -72,8 +73,17 @@ def attach(
     if age <= 0:
         raise MacnatError("--age must be positive")
     statics = parse_statics(static or [])
-    # The compile (about 1.4 s, in C: the GIL is released) runs while this thread gets the rest ready.
-    compiling = ThreadPoolExecutor(1).submit(loader.compile_datapath)
+    # The compile (about 1.5 s, in C: the GIL is released) runs while this thread gets the rest ready.
+    # A daemon thread: when the checks below fail, the error comes at once, not after the compile.
+    compiling: Future = Future()
+
+    def compile_datapath() -> None:
+        try:
+            compiling.set_result(loader.compile_datapath())
+        except BaseException as exc:  # handed to compiling.result() below
+            compiling.set_exception(exc)
+
+    threading.Thread(target=compile_datapath, daemon=True).start()
 
     from pyroute2 import IPRoute
 
