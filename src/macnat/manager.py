@@ -53,6 +53,15 @@ class Settings:
         return max(self.tick, self.age / 10)
 
 
+@dataclass(frozen=True)
+class ProbeSource:
+    """What an idle VM's probe comes from: wlan0's MAC and addresses."""
+
+    mac: bytes
+    ipv4: bytes           # 0.0.0.0 when wlan0 has no IPv4 address
+    ipv6: bytes | None    # wlan0's link-local address; no IPv6 probes without one
+
+
 def monotonic_ns() -> int:
     """The clock of bpf_ktime_get_coarse_ns(), which stamps last_seen_ns."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -161,6 +170,7 @@ class Manager:
         age_ns = self.settings.age * 1e9
         probe_from_ns = age_ns - self.settings.probes * self.settings.probe_interval * 1e9
         current: dict[str, str] = {}
+        source: ProbeSource | None = None  # read once a sweep, when a probe is due
         for key, binding in self.maps.bindings.items():
             ip, mac = ip_str(key), mac_str(binding.mac)
             if binding.flags & constants.BINDING_STATIC:
@@ -174,7 +184,9 @@ class Manager:
                 continue
             current[ip] = mac
             if idle_ns >= probe_from_ns:
-                self.probe(ip, binding)
+                if self.probe_due(ip):
+                    source = source or self.probe_source()
+                    self.probe(ip, binding, source)
             else:
                 self.probed_at.pop(ip, None)
         for ip, mac in current.items():
@@ -185,23 +197,27 @@ class Manager:
                 log.info("%s moved from %s to %s", ip, old, mac)
         self.known = current
 
-    def probe(self, ip: str, binding: Binding) -> None:
-        """Ask an idle VM whether it still has `ip`: its answer refreshes the binding in the datapath."""
+    def probe_due(self, ip: str) -> bool:
         last = self.probed_at.get(ip)
-        if last is not None and time.monotonic() - last < self.settings.probe_interval:
-            return
-        wifi_mac, vm_mac = bytes(self.maps.current_config().wifi_mac), bytes(binding.mac)
+        return last is None or time.monotonic() - last >= self.settings.probe_interval
+
+    def probe_source(self) -> ProbeSource:
         index = self.attachment.wifi.index
+        ipv4 = netlink.interface_address(self.ipr, index, socket.AF_INET) or "0.0.0.0"
+        ipv6 = netlink.interface_address(self.ipr, index, socket.AF_INET6, link_local=True)
+        return ProbeSource(mac=bytes(self.maps.current_config().wifi_mac), ipv4=socket.inet_aton(ipv4),
+                           ipv6=socket.inet_pton(socket.AF_INET6, ipv6) if ipv6 else None)
+
+    def probe(self, ip: str, binding: Binding, source: ProbeSource) -> None:
+        """Ask an idle VM whether it still has `ip`: its answer refreshes the binding in the datapath."""
+        vm_mac = bytes(binding.mac)
         if ":" in ip:
-            sender = netlink.interface_address(self.ipr, index, socket.AF_INET6, link_local=True)
-            if sender is None:
+            if source.ipv6 is None:
                 log.debug("cannot probe %s: %s has no IPv6 link-local address", ip, self.attachment.wifi.name)
                 return
-            frame = neighbour_solicitation(vm_mac, wifi_mac, socket.inet_pton(socket.AF_INET6, sender),
-                                           socket.inet_pton(socket.AF_INET6, ip))
+            frame = neighbour_solicitation(vm_mac, source.mac, source.ipv6, socket.inet_pton(socket.AF_INET6, ip))
         else:
-            sender = netlink.interface_address(self.ipr, index, socket.AF_INET) or "0.0.0.0"
-            frame = arp_request(vm_mac, wifi_mac, socket.inet_aton(sender), socket.inet_aton(ip))
+            frame = arp_request(vm_mac, source.mac, source.ipv4, socket.inet_aton(ip))
         try:
             self.probe_socket.send(frame)
         except OSError as exc:
