@@ -14,7 +14,7 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICM
                                 ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo,
                                 ICMPv6NDOptSrcLLAddr, IPv6)
 
-from macnat import constants, maps
+from macnat import constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Harness
 from macnat.maps import MacAddr, MacSeen, ip_key, mac_bytes
 
@@ -53,7 +53,7 @@ class Sniffer:
 
 @pytest.fixture(scope="module")
 def dp():
-    harness = Datapath("mntest-dp", WIFI_MAC)
+    harness = Datapath(f"{netns.PREFIX}test-dp", WIFI_MAC)
     yield harness
     harness.close()
 

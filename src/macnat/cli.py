@@ -19,7 +19,7 @@ from macnat.errors import MacnatError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Put VMs on a Wi-Fi LAN as full hosts: MAC address translation in the kernel.")
-lab_app = typer.Typer(no_args_is_help=True, help="The emulated Wi-Fi LAN in network namespaces (mnlab-*).")
+lab_app = typer.Typer(no_args_is_help=True, help="The emulated Wi-Fi LAN in network namespaces (mnlab-*; MACNAT_NS_PREFIX=xy makes them xylab-*).")
 app.add_typer(lab_app, name="lab")
 
 

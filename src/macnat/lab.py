@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from macnat.errors import MacnatError
+from macnat import netns
 from macnat.netns import Namespace, names
 
-PREFIX = "mnlab-"
-STATE_DIR = Path("/run/macnat-lab")
+PREFIX = f"{netns.PREFIX}lab-"
+STATE_DIR = Path("/run/macnat-lab" if netns.PREFIX == "mn" else f"/run/macnat-lab-{netns.PREFIX}")
 SUBNET_PREFIXLEN = 24
 GATEWAY = "192.168.77.1"
 DHCP_RANGE = ("192.168.77.100", "192.168.77.199")

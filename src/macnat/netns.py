@@ -17,6 +17,9 @@ from pathlib import Path
 
 from macnat.errors import MacnatError
 
+# Every namespace macnat's lab, tests and benchmarks create starts with this; MACNAT_NS_PREFIX lets
+# two of them run side by side on one machine (each with its own lab).
+PREFIX = os.environ.get("MACNAT_NS_PREFIX", "mn")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from scapy.all import ARP, BOOTP, DHCP, IP, UDP, Ether, Raw
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
 
+from macnat import netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, Harness
 from macnat.maps import Binding, IpAddr, ip_key, mac_bytes
 
@@ -138,7 +139,7 @@ def fill_bindings(h: Harness, count: int) -> None:
 
 
 def run(repeat: int, rounds: int) -> dict:
-    h = Harness("mnbench-dp", WIFI)
+    h = Harness(f"{netns.PREFIX}bench-dp", WIFI)
     try:
         h.reset(host_addresses=(HOST_IP, HOST_IP6))
         empty_fd = h.empty_program_fd()
