@@ -23,23 +23,25 @@ packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-cli
           ebtables iptables parprouted dhcp-helper linux-perf   # the benchmarks' alternatives and profile
           qemu-system-x86 debootstrap busybox-static zstd cpio kmod)   # the real-802.11 test in a VM
 
+# Wait for a dpkg lock another apt run holds, rather than fail.
+apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 apt_updated=
 apt_install() {
     local missing=() p
     for p in "$@"; do installed "$p" || missing+=("$p"); done
     [ ${#missing[@]} -eq 0 ] && return 0
-    if [ -z "$apt_updated" ]; then apt-get update -q >/dev/null; apt_updated=1; fi
+    if [ -z "$apt_updated" ]; then apt_get update -q >/dev/null; apt_updated=1; fi
     say "installing ${missing[*]}"
     # Start no daemon on install (dhcp-helper and iperf3 ship services): the lab runs its own in namespaces.
     local policy=/usr/sbin/policy-rc.d created=
     if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt_get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
     if [ -n "$created" ]; then rm -f "$policy"; fi
 }
 apt_has() {
     if [ -z "$apt_updated" ] && ! apt-cache show "$1" >/dev/null 2>&1; then
-        apt-get update -q >/dev/null; apt_updated=1
+        apt_get update -q >/dev/null; apt_updated=1
     fi
     apt-cache show "$1" >/dev/null 2>&1
 }
