@@ -14,10 +14,12 @@ import pytest
 
 from macnat import lab
 from macnat.attachment import RUN_DIR
+from macnat.plumbing import uplink_names
 from macnat.lab import MACNAT, RunningManager, macnat, neighbours, ping
 from nettest import tcp_transfer
 
 VM1, VM2 = lab.VMS["vm1"], lab.VMS["vm2"]
+UPLINK, UPLINK_PEER = uplink_names(lab.LAPTOP.ifname)
 
 
 def wait_for(predicate, timeout: float, step: float = 0.1) -> bool:
@@ -49,7 +51,7 @@ def macnat_objects() -> dict:
         "filters": ns.run("tc", "filter", "show", "dev", "wlan0", "ingress").stdout
         + ns.run("tc", "filter", "show", "dev", "wlan0", "egress").stdout,
         "clsact": "clsact" in ns.run("tc", "qdisc", "show", "dev", "wlan0").stdout,
-        "uplink": [ln for ln in ns.ip("-o", "link").splitlines() if " mn-" in ln],
+        "uplink": [ln for ln in ns.ip("-o", "link").splitlines() if " vethmn" in ln or " mnpeer" in ln],
     }
 
 
@@ -131,7 +133,7 @@ def test_status_and_stats_report_the_attachment(attached):
 
 def test_lan_macs_become_fdb_entries_on_the_uplink(attached):
     assert ping(VM1.ns, lab.LANHOST.ip)
-    fdb = lambda: lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", "mn-wlan0").stdout
+    fdb = lambda: lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", UPLINK).stdout
     assert wait_for(lambda: lab.LANHOST.mac in fdb(), timeout=5)
     assert f"{lab.LANHOST.mac} master vmbr0 static" in fdb()
     assert f"{lab.LAPTOP.mac} master vmbr0 static" in fdb()

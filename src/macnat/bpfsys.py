@@ -24,6 +24,7 @@ BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -38,6 +39,12 @@ _libc.syscall.restype = ctypes.c_long
 class _MapElemAttr(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
 class _GetFdByIdAttr(ctypes.Structure):
@@ -89,10 +96,15 @@ class BpfError(OSError):
     pass
 
 
+# bpf(2) calls made by this process, by command: what a test holds the manager's per-sweep cost to.
+calls: dict[int, int] = {}
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     nr = _NR_BPF.get(platform.machine())
     if nr is None:
         raise BpfError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
+    calls[cmd] = calls.get(cmd, 0) + 1
     ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
@@ -192,3 +204,19 @@ def map_next_key(fd: int, key, next_key) -> bool:
     """Fill next_key with the key after `key` (or the first key when key is None); False at the end."""
     return _found(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
                                                      value=ctypes.addressof(next_key)))
+
+
+def map_lookup_batch(fd: int, keys, values, token: ctypes.Array, first: bool) -> tuple[int, bool]:
+    """BPF_MAP_LOOKUP_BATCH (Linux 5.6): fill the arrays `keys` and `values` with up to len(keys)
+    elements, continuing from `token` (the kernel's position, carried between calls) unless `first`.
+    Returns (elements filled, whether more remain). Raises BpfError(EINVAL) where the kernel or the map
+    type has no batch operations, so the caller can fall back to element by element."""
+    attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token), out_batch=ctypes.addressof(token),
+                      keys=ctypes.addressof(keys), values=ctypes.addressof(values), count=len(keys), map_fd=fd)
+    try:
+        _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:  # the last batch: `count` says how many it still filled
+            return attr.count, False
+        raise
+    return attr.count, True

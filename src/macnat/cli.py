@@ -1,6 +1,7 @@
 """The `macnat` command line: a thin layer over the modules that do the work.
 
-Exit codes: 0 success, 1 a MacnatError (one line on stderr saying what to do), 2 usage errors (typer).
+Exit codes: 0 success, 1 a MacnatError (one line on stderr saying what to do), 2 usage errors (typer),
+78 a bad setting (EX_CONFIG: the service unit does not restart on it).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import typer
 
 from macnat.errors import MacnatError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Put VMs on a Wi-Fi LAN as full hosts: MAC address translation in the kernel.")
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(no_args_is_help=True, help="The settings file of a Wi-Fi interface (/etc/macnat/WIFI.toml).")
+app.add_typer(config_app, name="config")
 lab_app = typer.Typer(no_args_is_help=True, help="The emulated Wi-Fi LAN in network namespaces (mnlab-*; MACNAT_NS_PREFIX=xy makes them xylab-*).")
 app.add_typer(lab_app, name="lab")
 
@@ -35,44 +37,64 @@ def require_root() -> None:
         raise MacnatError("must run as root (macnat loads BPF programs and changes network devices)")
 
 
-def parse_statics(entries: list[str]) -> dict[str, str]:
-    from macnat.maps import ip_key, mac_bytes
+def version_callback(value: bool) -> None:
+    if value:
+        from macnat import __version__
 
-    statics = {}
-    for entry in entries:
-        ip, sep, mac = entry.partition("=")
-        if not sep:
-            raise MacnatError(f"--static takes IP=MAC, got '{entry}'")
-        try:
-            ip_key(ip)
-        except OSError:
-            raise MacnatError(f"--static: '{ip}' is not an IPv4 or IPv6 address") from None
-        mac_bytes(mac)
-        statics[ip] = mac.lower()
-    return statics
+        typer.echo(f"macnat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                          help="Print the version and exit")] = False,
+) -> None:
+    """Put VMs on a Wi-Fi LAN as full hosts: MAC address translation in the kernel."""
+
+
+def resolve_settings(wifi: str, cli: dict, config_file: Optional[Path]):
+    from macnat import config
+
+    return config.resolve(wifi, {k: v for k, v in cli.items() if v is not None}, path=config_file)
+
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="The settings file (default: /etc/macnat/WIFI.toml)")]
 
 
 @app.command()
 def attach(
     wifi: Annotated[str, typer.Argument(help="The Wi-Fi station interface, e.g. wlan0")],
-    bridge: Annotated[str, typer.Argument(help="The bridge the VMs are on, e.g. vmbr0")],
-    age: Annotated[float, typer.Option(help="Seconds a learned binding lives without traffic (probed before)")] = 300,
+    bridge: Annotated[Optional[str], typer.Argument(help="The bridge the VMs are on, e.g. vmbr0 (default: from the config file)")] = None,
+    age: Annotated[Optional[float], typer.Option(help="Seconds a learned binding lives without traffic (probed before) [default: 300]")] = None,
     static: Annotated[Optional[list[str]], typer.Option(help="A static binding IP=MAC (repeatable)")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Wait for WIFI and BRIDGE to appear if they do not exist yet")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text, or json: one object per line")] = None,
+    config_file: ConfigOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log probes")] = False,
 ) -> None:
     """Attach macnat between WIFI and BRIDGE and manage it in the foreground until SIGTERM/SIGINT.
 
+    Settings come from the command line, then MACNAT_* variables, then /etc/macnat/WIFI.toml.
     An attachment left by a manager that died is adopted, with everything it learned.
     """
     import threading
     from concurrent.futures import Future
 
-    from macnat import loader
+    from macnat import config, loader
 
     require_root()
-    if age <= 0:
-        raise MacnatError("--age must be positive")
-    statics = parse_statics(static or [])
+    cli = {"bridge": bridge, "age": age, "wait": wait, "log_format": log_format, "verbose": verbose or None}
+    if static:
+        try:
+            cli["statics"] = config.parse_static_entries(static)
+        except ValueError as exc:
+            raise MacnatError(f"--static {exc}") from None
+    resolved = resolve_settings(wifi, cli, config_file)
+    settings = resolved.settings
+    if not settings.bridge:
+        raise config.ConfigError(f"no bridge for {wifi}: give it (macnat attach {wifi} vmbr0) or set bridge in "
+                                 f"{resolved.path} (macnat config write {wifi} vmbr0 does)")
     # The compile (about 1.5 s, in C: the GIL is released) runs while this thread gets the rest ready.
     # A daemon thread: when the checks below fail, the error comes at once, not after the compile.
     compiling: Future = Future()
@@ -87,34 +109,65 @@ def attach(
 
     from pyroute2 import IPRoute
 
-    from macnat import attachment
-    from macnat.manager import Settings, exec_manager, setup_logging
+    from macnat import attachment, logs, netlink
+    from macnat.datapath import Datapath
+    from macnat.manager import exec_manager
 
-    setup_logging(verbose)
+    logs.setup(settings.log_format, settings.verbose)
     log = logging.getLogger("macnat")
     with IPRoute() as ipr:
-        wifi_link, _ = loader.validate(ipr, wifi, bridge)
-        lock = attachment.ManagerLock(wifi_link)
+        wifi_link, bridge_link = netlink.find_link(ipr, wifi), netlink.find_link(ipr, settings.bridge)
+        for name, found_link in ((wifi, wifi_link), (settings.bridge, bridge_link)):
+            if found_link is None and not settings.wait:
+                raise MacnatError(f"no interface named '{name}' in this network namespace "
+                                  "(--wait waits for it to appear)")
+        if bridge_link:
+            loader.check_bridge(bridge_link)
+        if wifi_link:
+            loader.check_wifi(ipr, wifi_link, bridge_link)
+        lock = attachment.ManagerLock(wifi)
         if not lock.acquire():
             raise MacnatError(f"'{wifi}' is already attached and managed by pid {lock.holder()} "
                               f"(macnat detach {wifi} stops it)")
         try:
-            found = attachment.find(ipr, wifi)
-            if found is None:
-                loader.attach(ipr, wifi, bridge, compiling.result())
-                log.info("attached to %s and %s", wifi, bridge)
-            else:
-                found.close()
-                if found.bridge is None or found.bridge.name != bridge:
-                    raise MacnatError(f"'{wifi}' is attached to '{found.bridge.name if found.bridge else '?'}', "
-                                      f"not '{bridge}' (macnat detach {wifi} first)")
-                if not found.complete:
-                    raise MacnatError(f"the attachment on '{wifi}' is incomplete: macnat detach {wifi}, then attach")
-                log.info("adopting the running datapath on %s (its manager is gone)", wifi)
+            datapath = adopt_or_load(ipr, wifi, settings.bridge, compiling, log)
+            if datapath is None:
+                bpf = compiling.result()
+                datapath = Datapath.from_bcc(bpf)
+                bpf.cleanup()  # the datapath holds its own descriptors now
+                if wifi_link and bridge_link:
+                    loader.attach(ipr, wifi, settings.bridge, datapath)
+                    log.info("attached to %s and %s", wifi, settings.bridge)
+                else:
+                    log.info("waiting for %s", " and ".join(n for n, lk in ((wifi, wifi_link),
+                                                                            (settings.bridge, bridge_link)) if not lk))
         except BaseException:
             lock.release()
             raise
-    exec_manager(wifi, Settings(age=age, statics=statics), lock, fresh=found is None, verbose=verbose)
+    exec_manager(wifi, resolved, lock, datapath)
+
+
+def adopt_or_load(ipr, wifi: str, bridge: str, compiling, log):
+    """The running datapath on `wifi` to adopt, or None when a fresh one must be loaded (a remnant the
+    previous manager could not keep whole is removed first)."""
+    from macnat import attachment, constants
+    from macnat.datapath import Datapath
+
+    found = attachment.find(ipr, wifi)
+    if found is None:
+        return None
+    try:
+        if found.bridge is not None and found.bridge.name != bridge:
+            raise MacnatError(f"'{wifi}' is attached to '{found.bridge.name}', not '{bridge}' (macnat detach {wifi} first)")
+        if set(found.programs) == set(constants.PROGRAMS):
+            log.info("adopting the running datapath on %s (its manager is gone)", wifi)
+            return Datapath.from_ids(found.programs)
+        log.warning("the datapath on %s lost its %s program while no manager ran: replacing it with a fresh one",
+                    wifi, ", ".join(sorted(set(constants.PROGRAMS) - set(found.programs))))
+        found.detach()
+        return None
+    finally:
+        found.close()
 
 
 @app.command()
@@ -126,7 +179,7 @@ def detach(wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interfa
     from macnat import attachment
 
     for found in _attachments(wifi):
-        lock = attachment.ManagerLock(found.wifi)
+        lock = attachment.ManagerLock(found.wifi_name)
         pid = lock.holder()
         if pid and pid > 0:
             os.kill(pid, signal.SIGTERM)
@@ -136,7 +189,7 @@ def detach(wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interfa
         found.detach()  # all of it without a manager; whatever a manager that did not finish left
         lock.discard_if_stale()
         found.close()
-        typer.echo(f"detached from {found.wifi.name}")
+        typer.echo(f"detached from {found.wifi_name}")
 
 
 def _attachments(wifi: Optional[str]):
@@ -162,7 +215,7 @@ def table(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
     from rich.table import Table
 
     from macnat import constants
-    from macnat.manager import monotonic_ns
+    from macnat.manager.clock import monotonic_ns
     from macnat.maps import ip_family, ip_str, mac_str
 
     rows = []
@@ -171,7 +224,7 @@ def table(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
         for key, b in found.maps.bindings.items():
             rows.append({"ip": ip_str(key), "family": ip_family(key), "mac": mac_str(b.mac),
                          "kind": "static" if b.flags & constants.BINDING_STATIC else "learned",
-                         "last_seen_s": round(max(0, now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi.name,
+                         "last_seen_s": round(max(0, now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi_name,
                          "tx_packets": b.tx_packets, "tx_bytes": b.tx_bytes,
                          "rx_packets": b.rx_packets, "rx_bytes": b.rx_bytes})
         found.close()
@@ -195,7 +248,7 @@ def stats(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
 
     result = {}
     for found in _attachments(wifi):
-        result[found.wifi.name] = found.maps.counter_totals()
+        result[found.wifi_name] = found.maps.counter_totals()
         found.close()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -227,8 +280,65 @@ def status(as_json: JsonOption = False) -> None:
         typer.echo("macnat is not attached in this network namespace")
     for d in described:
         manager = f"manager pid {d['manager_pid']}" if d["manager_pid"] else "no manager (datapath runs unmanaged)"
-        typer.echo(f"{d['wifi']} ({d['wifi_mac']}) <-> {d['bridge']} via {d['uplink']}: "
-                   f"programs {d['programs']}; {manager}" + ("" if d["complete"] else "; INCOMPLETE"))
+        network = f" on {d['network']}" if d.get("network") else ""
+        typer.echo(f"{d['wifi']} ({d['wifi_mac']}) <-> {d['bridge']} via {d['uplink']}: {d['state']}{network}; "
+                   f"programs {d['programs']}; {manager}")
+
+
+@config_app.command("show")
+def config_show(
+    wifi: Annotated[str, typer.Argument(help="The Wi-Fi interface")],
+    config_file: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The settings `macnat attach WIFI` would use, and where each comes from."""
+    import dataclasses
+
+    from macnat import config
+
+    resolved = resolve_settings(wifi, {}, config_file)
+    rows = {f.name: {"value": getattr(resolved.settings, f.name), "from": resolved.sources[f.name]}
+            for f in dataclasses.fields(resolved.settings) if f.name in config.BY_ATTR}
+    if as_json:
+        typer.echo(json.dumps({"file": str(resolved.path), "exists": resolved.path.exists(), "settings": rows}, indent=2))
+        return
+    from rich.table import Table
+
+    out = Table("key", "value", "from", title=f"{resolved.path}{'' if resolved.path.exists() else ' (no such file)'}")
+    for attr, row in rows.items():
+        out.add_row(config.BY_ATTR[attr].key, json.dumps(row["value"]), row["from"])
+    console().print(out)
+
+
+@config_app.command("write")
+def config_write(
+    wifi: Annotated[str, typer.Argument(help="The Wi-Fi interface, e.g. wlan0")],
+    bridge: Annotated[str, typer.Argument(help="The bridge the VMs are on, e.g. vmbr0")],
+    age: Annotated[Optional[float], typer.Option(help="Seconds a learned binding lives without traffic")] = None,
+    static: Annotated[Optional[list[str]], typer.Option(help="A static binding IP=MAC (repeatable)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file")] = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Write the settings file for WIFI: every key documented, BRIDGE and the given options set."""
+    from macnat import config
+
+    values = {"bridge": bridge, "age": age}
+    if static:
+        try:
+            values["statics"] = config.parse_static_entries(static)
+        except ValueError as exc:
+            raise MacnatError(f"--static {exc}") from None
+    values = {k: config.BY_ATTR[k].check(v) if k != "statics" else v for k, v in values.items() if v is not None}
+    path = config_file or config.config_path(wifi)
+    if path.exists() and not force:
+        raise MacnatError(f"{path} exists (--force replaces it)")
+    text = config.example(wifi, values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    config.read_file(path)  # what was written reads back
+    typer.echo(f"wrote {path}; start it with: systemctl enable --now macnat@{wifi}")
 
 
 @lab_app.command("up")
@@ -309,4 +419,4 @@ def main() -> None:
         app()
     except MacnatError as exc:
         print(f"macnat: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))

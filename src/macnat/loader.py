@@ -1,18 +1,17 @@
-"""Compiling the datapath with bcc and attaching it with pyroute2 (cls_bpf, direct action); detaching.
+"""Compiling the datapath with bcc, and attaching it all or nothing.
 
-Attaching creates, in this order: the uplink veth pair (one end a port of the bridge), clsact where
-missing, the config, and the three filters, each with macnat's own priority and handle; the uplink
-port comes up last, so the bridge forwards to it only once its program is in place. Any failure
-undoes what was done. Detaching removes exactly what attaching created.
+Attaching creates, in this order: the uplink veth pair (one end a port of the bridge), the config,
+the host's addresses, and the three filters (macnat.plumbing has each step); the uplink port comes up
+last, so the bridge forwards to it only once its program is in place. Any failure undoes what was
+done. Detaching removes exactly what attaching created.
 
-The process that compiles (and so loads LLVM) does not stay: `macnat attach` execs the manager once
-the programs are attached.
+The process that compiles (and so loads LLVM) does not stay: `macnat attach` execs the manager with
+the loaded programs' descriptors once they are attached.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import os
 import sys
@@ -20,16 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from macnat import bpfsys, constants, netlink
+from macnat import constants, netlink, plumbing
+from macnat.datapath import Datapath
 from macnat.errors import MacnatError
-from macnat.maps import Config, Map, ip_key, mac_bytes, u8, u32
 
-TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
-TC_PARENT_ID = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
-FILTER_NAME_PREFIX = "macnat:"
 
 
 def import_bcc():
@@ -58,7 +53,8 @@ def bpf_source_dir() -> Path:
 
 
 def compile_datapath():
-    """Compile bpf/macnat.c; the bcc BPF object with its maps created and programs not yet loaded."""
+    """Compile bpf/macnat.c; the bcc BPF object with its maps created and programs not yet loaded
+    (Datapath.from_bcc loads them)."""
     bcc = import_bcc()
     source = bpf_source_dir() / "macnat.c"
     build = Path("/lib/modules") / os.uname().release / "build"
@@ -72,127 +68,59 @@ def compile_datapath():
         raise MacnatError(f"bcc could not compile {source}: {exc} (are the kernel headers at {build} complete?)") from None
 
 
-def uplink_names(wifi: netlink.Link) -> tuple[str, str]:
-    """(bridge port, its peer): readable where the Wi-Fi name allows, always within 15 characters."""
-    base = f"mn-{wifi.name}" if len(wifi.name) <= 10 else f"mn-if{wifi.index}"
-    return base, f"{base}-p"
+def check_wifi(ipr: IPRoute, wifi: netlink.Link, bridge: netlink.Link | None = None) -> None:
+    """Raise unless `wifi` can carry macnat: a standalone Ethernet-like interface, not the bridge."""
+    if wifi.kind == "bridge" or (bridge is not None and wifi.index == bridge.index):
+        raise MacnatError(f"'{wifi.name}' is a bridge: give the Wi-Fi interface first, then the bridge")
+    if wifi.master:
+        master = netlink.link_by_index(ipr, wifi.master)
+        raise MacnatError(f"'{wifi.name}' is a port of '{master.name if master else wifi.master}': macnat needs "
+                          f"it standalone (ip link set {wifi.name} nomaster)")
+    if len(wifi.mac.split(":")) != 6:
+        raise MacnatError(f"'{wifi.name}' is not an Ethernet-like interface (no MAC address)")
+
+
+def check_bridge(bridge: netlink.Link) -> None:
+    if bridge.kind != "bridge":
+        raise MacnatError(f"'{bridge.name}' is not a bridge (it is {bridge.kind or 'a plain device'})")
 
 
 def validate(ipr: IPRoute, wifi_name: str, bridge_name: str) -> tuple[netlink.Link, netlink.Link]:
     wifi = netlink.link(ipr, wifi_name)
     bridge = netlink.link(ipr, bridge_name)
-    if bridge.kind != "bridge":
-        raise MacnatError(f"'{bridge_name}' is not a bridge (it is {bridge.kind or 'a plain device'})")
-    if wifi.kind == "bridge" or wifi.index == bridge.index:
-        raise MacnatError(f"'{wifi_name}' is a bridge: give the Wi-Fi interface first, then the bridge")
-    if wifi.master:
-        master = netlink.link_by_index(ipr, wifi.master)
-        raise MacnatError(f"'{wifi_name}' is a port of '{master.name if master else wifi.master}': macnat needs "
-                          f"it standalone (ip link set {wifi_name} nomaster)")
-    if len(wifi.mac.split(":")) != 6:
-        raise MacnatError(f"'{wifi_name}' is not an Ethernet-like interface (no MAC address)")
+    check_bridge(bridge)
+    check_wifi(ipr, wifi, bridge)
     return wifi, bridge
 
 
-def _disable_ipv6(ifname: str) -> None:
-    # The uplink pair must stay silent: router solicitations or MLD from it would reach the VMs.
-    path = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-    if path.exists():
-        path.write_text("1")
-
-
-def add_filter(ipr: IPRoute, index: int, hook: str, fd: int, program: str) -> None:
-    ipr.tc("add-filter", "bpf", index, constants.TC_HANDLE, fd=fd, name=FILTER_NAME_PREFIX + program,
-           parent=TC_PARENT[hook], classid=1, direct_action=True, prio=constants.TC_PRIO)
-
-
-def del_filter(ipr: IPRoute, index: int, hook: str) -> None:
-    try:
-        ipr.tc("del-filter", "bpf", index, constants.TC_HANDLE, parent=TC_PARENT[hook], prio=constants.TC_PRIO)
-    except NetlinkError as exc:
-        if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            raise
-
-
-def foreign_filters(ipr: IPRoute, index: int) -> bool:
-    """Whether filters other than macnat's sit on the device's clsact."""
-    for parent in TC_PARENT_ID.values():
-        for msg in ipr.get_filters(index=index, parent=parent):
-            if msg["info"] >> 16 != constants.TC_PRIO:
-                return True
-    return False
-
-
-def attach(ipr: IPRoute, wifi_name: str, bridge_name: str, bpf) -> None:
-    """Attach the compiled datapath `bpf` between wifi and bridge; all or nothing."""
+def attach(ipr: IPRoute, wifi_name: str, bridge_name: str, datapath: Datapath) -> None:
+    """Attach the loaded datapath between wifi and bridge; all or nothing."""
     undo: list[Callable[[], None]] = []
     wifi, bridge = validate(ipr, wifi_name, bridge_name)
-    fds = {name: bpf.load_func(name.encode(), bpf.SCHED_CLS).fd for name in constants.PROGRAMS}
     try:
-        port_name, peer_name = uplink_names(wifi)
-        try:
-            ipr.link("add", ifname=port_name, kind="veth", peer=peer_name)
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                raise MacnatError(f"'{port_name}' already exists: a macnat uplink left behind? "
-                                  f"macnat detach {wifi_name}, or ip link del {port_name}") from None
-            raise
-        uplink = netlink.link(ipr, port_name)
-        undo.append(lambda: ipr.link("del", index=uplink.index))
-        peer = netlink.link(ipr, peer_name)
-        for name in (port_name, peer_name):
-            _disable_ipv6(name)
-        ipr.link("set", index=uplink.index, ifalias=f"macnat uplink of {wifi.name} into {bridge.name}",
-                 mtu=bridge.mtu, master=bridge.index)
-        ipr.link("set", index=peer.index, mtu=bridge.mtu, state="up")
-
-        created_clsact = 0
-        try:
-            ipr.tc("add", "clsact", wifi.index)
-            created_clsact = constants.CFG_CREATED_CLSACT
-            undo.append(lambda: ipr.tc("del", "clsact", wifi.index))
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-        ipr.tc("add", "clsact", uplink.index)
-
-        config_fd = bpf[b"config"].map_fd
-        config = Map("config", config_fd, bpfsys.map_info(config_fd))
-        config.update(u32(0), Config(wifi_mac=mac_bytes(wifi.mac), wifi_ifindex=wifi.index,
-                                     bridge_ifindex=bridge.index, uplink_ifindex=uplink.index,
-                                     flags=created_clsact))
-        host_fd = bpf[b"host_addrs"].map_fd
-        host = Map("host_addrs", host_fd, bpfsys.map_info(host_fd))
-        for ip in netlink.host_addresses(ipr):
-            host.update(ip_key(ip), u8(1))
+        uplink = plumbing.create_uplink(ipr, wifi.name, bridge)
+        undo.append(lambda: plumbing.remove_uplink(ipr, uplink.index))
+        config = plumbing.update_config(datapath.maps, wifi_mac=wifi.mac, wifi_ifindex=wifi.index,
+                                        bridge_ifindex=bridge.index, uplink_ifindex=uplink.index)
+        plumbing.protect_host_addresses(ipr, datapath.maps)
         netlink.fdb_set(ipr, uplink.index, wifi.mac)
-
-        add_filter(ipr, uplink.index, "egress", fds["uplink_egress"], "uplink_egress")
-        for program in ("wifi_egress", "wifi_ingress"):
-            hook = constants.PROGRAMS[program][1]
-            add_filter(ipr, wifi.index, hook, fds[program], program)
-            undo.append(lambda hook=hook: del_filter(ipr, wifi.index, hook))
-        ipr.link("set", index=uplink.index, state="up")
+        plumbing.attach_uplink(ipr, uplink.index, datapath.programs)
+        created = plumbing.attach_wifi(ipr, wifi.index, datapath.programs)
+        undo.append(lambda: plumbing.detach_wifi(ipr, wifi.index, created))
+        if created:
+            plumbing.update_config(datapath.maps, flags=config.flags | constants.CFG_CREATED_CLSACT)
+        plumbing.set_up(ipr, uplink)
     except BaseException:
         for step in reversed(undo):
             with contextlib.suppress(Exception):
                 step()
         raise
-    finally:
-        bpf.cleanup()  # our fds go; the filters hold the programs, and the programs the maps
 
 
-def detach(wifi_index: int, uplink_index: int | None, created_clsact: bool) -> None:
+def detach(wifi_index: int | None, uplink_index: int | None, created_clsact: bool) -> None:
     """Remove macnat's filters from wifi, the clsact it created (if nothing else uses it), the uplink."""
     with IPRoute() as ipr:
-        for hook in TC_PARENT:
-            del_filter(ipr, wifi_index, hook)
-        if created_clsact and not foreign_filters(ipr, wifi_index):
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del", "clsact", wifi_index)
+        if wifi_index:
+            plumbing.detach_wifi(ipr, wifi_index, created_clsact)
         if uplink_index:
-            try:
-                ipr.link("del", index=uplink_index)  # its peer, filters and FDB entries go with it
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
-                    raise
+            plumbing.remove_uplink(ipr, uplink_index)

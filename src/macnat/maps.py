@@ -7,6 +7,7 @@ bcc compiles from that header, so the two cannot drift apart silently.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -62,6 +63,8 @@ assert set(LAYOUT) == set(constants.MAP_NAMES)
 
 
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+BATCH_ELEMENTS = 4096   # elements per BPF_MAP_LOOKUP_BATCH call
+ENOTSUPP = 524          # the kernel's internal "not supported", which bpf(2) can return
 
 
 def ip_key(ip: str) -> IpAddr:
@@ -110,6 +113,7 @@ class Map:
         self.percpu = info.type in (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_HASH)
         self.array = info.type in (bpfsys.BPF_MAP_TYPE_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY)
         self.max_entries = info.max_entries
+        self._batches: bool | None = None  # whether BPF_MAP_LOOKUP_BATCH works on this map (tried once)
         if (info.key_size, info.value_size) != (ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)):
             raise MacnatError(f"map '{name}' has key/value sizes {info.key_size}/{info.value_size}, this macnat "
                               f"expects {ctypes.sizeof(self.key_type)}/{ctypes.sizeof(self.value_type)}: "
@@ -137,10 +141,40 @@ class Map:
             yield key
 
     def items(self) -> Iterator[tuple]:
+        """Every element; a few BPF_MAP_LOOKUP_BATCH calls for a whole table where the kernel has them."""
+        if self._batches is not False and not self.percpu:
+            try:
+                elements = self._batched_items()
+                self._batches = True
+                yield from elements
+                return
+            except bpfsys.BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+                    raise
+                self._batches = False
         for key in list(self.keys()):
             value = self.lookup(key)
             if value is not None:  # deleted meanwhile
                 yield key, value
+
+    def _batched_items(self) -> list[tuple]:
+        size = min(self.max_entries, BATCH_ELEMENTS)
+        token = (ctypes.c_uint8 * max(8, ctypes.sizeof(self.key_type)))()
+        found, first, more = [], True, True
+        while more:
+            keys, values = (self.key_type * size)(), (self.value_type * size)()
+            count, more = bpfsys.map_lookup_batch(self.fd, keys, values, token, first)
+            first = False
+            found += zip(self._elements(keys, count), self._elements(values, count))
+        return found
+
+    @staticmethod
+    def _elements(array, count: int) -> list:
+        """The first `count` elements as ctypes objects (an array of a simple type hands out plain ints)."""
+        element = array._type_
+        if issubclass(element, ctypes._SimpleCData):
+            return [element(v) for v in array[:count]]
+        return array[:count]
 
     def clear(self) -> None:
         """Remove every element; an array's elements cannot go, so they become zero."""
@@ -165,13 +199,19 @@ class Maps:
 
     @classmethod
     def from_prog_ids(cls, prog_ids: list[int]) -> Maps:
+        fds = [bpfsys.prog_fd_by_id(prog_id) for prog_id in prog_ids]
+        try:
+            return cls.from_prog_fds(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    @classmethod
+    def from_prog_fds(cls, prog_fds: list[int]) -> Maps:
+        """The maps the programs use, each opened once (the caller keeps the program fds)."""
         by_name: dict[str, Map] = {}
-        for prog_id in prog_ids:
-            prog_fd = bpfsys.prog_fd_by_id(prog_id)
-            try:
-                _, map_ids = bpfsys.prog_info(prog_fd)
-            finally:
-                os.close(prog_fd)
+        for prog_fd in prog_fds:
+            _, map_ids = bpfsys.prog_info(prog_fd)
             for map_id in map_ids:
                 fd = bpfsys.map_fd_by_id(map_id)
                 info = bpfsys.map_info(fd)
@@ -182,6 +222,8 @@ class Maps:
                     os.close(fd)
         missing = set(LAYOUT) - set(by_name)
         if missing:
+            for m in by_name.values():
+                os.close(m.fd)
             raise MacnatError(f"the attached programs lack the maps {sorted(missing)}: not a macnat datapath of this version")
         return cls(by_name)
 
@@ -197,9 +239,10 @@ class Maps:
         self.by_name["vm_macs"].update(MacAddr(mac), MacSeen(last_seen_ns=last_seen_ns))
         self.by_name["vm_hints"].update(u32(vm_hint_slot(mac)), u8(1))
 
+    def counter_total(self, name: str) -> int:
+        """One counter, summed over the CPUs."""
+        per_cpu = self.by_name["counters"].lookup(u32(constants.COUNTER_INDEX[name]))
+        return sum(per_cpu) if per_cpu is not None else 0
+
     def counter_totals(self) -> dict[str, int]:
-        out = {}
-        for name, index in constants.COUNTER_INDEX.items():
-            per_cpu = self.by_name["counters"].lookup(u32(index))
-            out[name] = sum(per_cpu) if per_cpu is not None else 0
-        return out
+        return {name: self.counter_total(name) for name in constants.COUNTER_INDEX}

@@ -1,22 +1,23 @@
-"""Netlink through pyroute2: the interfaces macnat works with, the host's own addresses, bridge FDB
-entries, and a watcher that says when addresses or links changed."""
+"""Netlink through pyroute2: the interfaces macnat works with, the host's own addresses and routes,
+and bridge FDB entries. (The manager's event source, which listens to changes, is in
+macnat.manager.sources.)"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import select
+import ipaddress
 import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
 
 from macnat.errors import MacnatError
 
 RT_SCOPE_LINK = 253
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
 
 
 @dataclass(frozen=True)
@@ -27,19 +28,37 @@ class Link:
     kind: str | None       # "bridge", "veth", ...; None for plain devices
     master: int | None     # ifindex of the bridge it is a port of
     mtu: int
+    up: bool = False       # administratively up
+    carrier: bool = False  # the lower layer is up (for a station: associated)
+    peer_elsewhere: bool = False  # a veth whose peer lives in another network namespace (a container, a VM's namespace)
 
 
 def _link(msg) -> Link:
+    flags = msg["flags"]
     return Link(index=msg["index"], name=msg.get("ifname"), mac=msg.get("address") or "",
                 kind=msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"), master=msg.get("master"),
-                mtu=msg.get("mtu"))
+                mtu=msg.get("mtu"), up=bool(flags & IFF_UP), carrier=bool(flags & IFF_LOWER_UP),
+                peer_elsewhere=msg.get("IFLA_LINK_NETNSID") is not None)
+
+
+def link_message(msg) -> Link:
+    """A Link from an RTM_NEWLINK/RTM_DELLINK message (as the manager's event source receives them)."""
+    return _link(msg)
 
 
 def link(ipr: IPRoute, name: str) -> Link:
+    found = find_link(ipr, name)
+    if found is None:
+        raise MacnatError(f"no interface named '{name}' in this network namespace")
+    return found
+
+
+def find_link(ipr: IPRoute, name: str) -> Link | None:
+    """The interface called `name`, or None when there is none (yet)."""
     try:
         return _link(ipr.link("get", ifname=name)[0])
     except NetlinkError:
-        raise MacnatError(f"no interface named '{name}' in this network namespace") from None
+        return None
 
 
 def link_by_index(ipr: IPRoute, index: int) -> Link | None:
@@ -51,6 +70,10 @@ def link_by_index(ipr: IPRoute, index: int) -> Link | None:
 
 def links(ipr: IPRoute) -> list[Link]:
     return [_link(msg) for msg in ipr.get_links()]
+
+
+def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[Link]:
+    return [lk for lk in links(ipr) if lk.master == bridge_index]
 
 
 def _address(msg) -> str:
@@ -71,6 +94,32 @@ def interface_address(ipr: IPRoute, index: int, family: int, link_local: bool = 
     return None
 
 
+def ipv4_networks(ipr: IPRoute, index: int) -> set[ipaddress.IPv4Network]:
+    """The IPv4 subnets the interface has addresses in."""
+    return {ipaddress.IPv4Interface(f"{_address(msg)}/{msg['prefixlen']}").network
+            for msg in ipr.get_addr(family=socket.AF_INET, index=index)}
+
+
+def default_gateway(ipr: IPRoute, index: int) -> str | None:
+    """The IPv4 default gateway through the interface, if the main table has one."""
+    for msg in ipr.get_default_routes(family=socket.AF_INET):
+        if msg.get("RTA_OIF") == index and msg.get("RTA_GATEWAY"):
+            return msg.get("RTA_GATEWAY")
+    return None
+
+
+NUD_RESOLVED = 0x02 | 0x04 | 0x08 | 0x10 | 0x80   # REACHABLE, STALE, DELAY, PROBE, PERMANENT
+
+
+def neighbour_mac(ipr: IPRoute, index: int, ip: str) -> str | None:
+    """The MAC the host's neighbour table holds for `ip` on the interface, if resolved."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    for msg in ipr.get_neighbours(family=family, ifindex=index):
+        if msg.get("NDA_DST") == ip and msg["state"] & NUD_RESOLVED and msg.get("NDA_LLADDR"):
+            return msg.get("NDA_LLADDR")
+    return None
+
+
 def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
     """A static bridge FDB entry: frames to `mac` go to `port` only (what `bridge fdb replace ... master static` does)."""
     ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
@@ -84,31 +133,3 @@ def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:
 def fdb_static_macs(ipr: IPRoute, port: int) -> set[str]:
     return {msg.get("NDA_LLADDR") for msg in ipr.fdb("dump", ifindex=port)
             if msg["ifindex"] == port and msg["state"] & NUD_NOARP}
-
-
-class Watcher:
-    """A netlink socket subscribed to link and address changes."""
-
-    def __init__(self):
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
-
-    def wait(self, timeout: float, wake_fd: int) -> bool:
-        """Wait up to `timeout` seconds, or until `wake_fd` is readable (a signal arrived).
-
-        True when links or addresses changed; the pending messages are consumed.
-        """
-        changed = False
-        fd = self.ipr.fileno()
-        while True:
-            ready = select.select([fd, wake_fd], [], [], 0 if changed else timeout)[0]
-            if wake_fd in ready:
-                os.read(wake_fd, 512)
-                return changed
-            if fd not in ready:
-                return changed
-            self.ipr.get()
-            changed = True
-
-    def close(self) -> None:
-        self.ipr.close()

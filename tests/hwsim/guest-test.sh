@@ -213,7 +213,7 @@ manager_pid=
 check "SIGTERM: the manager detached (exit $status)" test "$status" = 0
 check "nothing left on wlan1 (no filters, no clsact) and no uplink" sh -c \
     '[ -z "$(tc filter show dev wlan1 ingress)$(tc filter show dev wlan1 egress)" ] &&
-     ! tc qdisc show dev wlan1 | grep -q clsact && ! ip -o link | grep -q " mn-"'
+     ! tc qdisc show dev wlan1 | grep -q clsact && ! ip -o link | grep -qE " (vethmn|mnpeer)"'
 check "the station stayed associated throughout: one association in hostapd's log" \
     test "$(grep -c "AP-STA-CONNECTED $sta_mac" "$LOG/hostapd.log")" = 1
 check "  ... and still COMPLETED" associated

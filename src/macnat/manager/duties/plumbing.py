@@ -1,0 +1,180 @@
+"""Keeps the attachment whole while the system changes under it.
+
+The Wi-Fi interface and the bridge are followed by name: the programs belong on whatever interface is
+called WIFI now (a re-plugged dongle comes back with a new ifindex, maybe a new MAC), and the uplink
+belongs in whatever bridge is called BRIDGE (Proxmox's `ifreload -a` takes unlisted ports out of
+bridges; a bridge can be deleted and created again). Each change is repaired with the programs the
+manager holds, so nothing is compiled and no binding is lost; while the Wi-Fi interface is away
+config[0] names no interface, so nothing is redirected to an ifindex that no longer exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from macnat import constants, loader, netlink, plumbing
+from macnat.errors import MacnatError
+from macnat.manager import events
+from macnat.manager.duties import Duty
+from macnat.maps import mac_str
+
+log = logging.getLogger("macnat")
+
+
+class Plumbing(Duty):
+    HEALTH_INTERVAL = 10.0   # a reconcile now and then also catches changes whose events were lost
+
+    def __init__(self):
+        self.next_check = time.monotonic() + self.HEALTH_INTERVAL
+        self.refused: set[tuple[str, int]] = set()   # (name, index) refused once, not logged again
+        self.attached_once = False                   # so a later attach is "back", not "here"
+
+    def due(self) -> float:
+        return self.next_check
+
+    def on_timer(self, now: float, state) -> None:
+        self.next_check = now + self.HEALTH_INTERVAL
+        self.reconcile(state)
+
+    def handle(self, event, state) -> None:
+        if isinstance(event, (events.Started, events.Reloaded)):
+            self.reconcile(state)
+        elif isinstance(event, events.LinkChanged) and self.concerns(event.link, state):
+            self.reconcile(state)
+        elif isinstance(event, events.FiltersChanged) and event.index in self.indices(state):
+            self.reconcile(state)
+        elif isinstance(event, events.Stopping):
+            self.detach(state)
+
+    @staticmethod
+    def indices(state) -> set[int]:
+        return {lk.index for lk in (state.wifi, state.bridge, state.uplink) if lk}
+
+    def concerns(self, link: netlink.Link, state) -> bool:
+        return link.name in (state.wifi_name, state.settings.bridge, *plumbing.uplink_names(state.wifi_name)) \
+            or link.index in self.indices(state)
+
+    def usable(self, link: netlink.Link | None, check) -> netlink.Link | None:
+        """`link` if macnat can use it; an unusable one is logged once (per ifindex) and treated as absent."""
+        if link is None:
+            return None
+        try:
+            check(link)
+        except MacnatError as exc:
+            if (link.name, link.index) not in self.refused:
+                self.refused.add((link.name, link.index))
+                log.error("%s; waiting for that to change", exc)
+            return None
+        return link
+
+    # ---- the reconcile ---------------------------------------------------------------------
+    def reconcile(self, state) -> None:
+        self.reconcile_wifi(state)
+        self.reconcile_bridge_side(state)
+
+    def reconcile_wifi(self, state) -> None:
+        ipr, maps = state.ipr, state.maps
+        wifi = self.usable(netlink.find_link(ipr, state.wifi_name), lambda lk: loader.check_wifi(ipr, lk))
+        config = maps.current_config()
+        if wifi is None:
+            if state.wifi is not None or config.wifi_ifindex:
+                self.leave_wifi(state, config)
+            return
+        if config.wifi_ifindex != wifi.index or plumbing.macnat_hooks(ipr, wifi.index) != set(plumbing.TC_PARENT):
+            again = self.attached_once
+            created = plumbing.attach_wifi(ipr, wifi.index, state.datapath.programs)
+            flags = (config.flags | constants.CFG_CREATED_CLSACT) if created else (config.flags & ~constants.CFG_CREATED_CLSACT)
+            old_mac = mac_str(config.wifi_mac)
+            plumbing.update_config(maps, wifi_ifindex=wifi.index, wifi_mac=wifi.mac, flags=flags)
+            if state.uplink:
+                self.move_wifi_fdb(state, old_mac, wifi.mac)
+            log.info("%s is %s (ifindex %d, MAC %s): %s", wifi.name, "back" if again else "here", wifi.index, wifi.mac,
+                     "re-attached; the VMs' bindings are kept" if again else "attached")
+            state.wifi = wifi
+            self.attached_once = True
+            state.post(events.WifiAttached(wifi, again))
+            return
+        old_mac = mac_str(config.wifi_mac)
+        if wifi.mac != old_mac:
+            plumbing.update_config(maps, wifi_mac=wifi.mac)
+            if state.uplink:
+                self.move_wifi_fdb(state, old_mac, wifi.mac)
+            log.info("%s changed its MAC from %s to %s: VM frames now leave with the new one", wifi.name, old_mac, wifi.mac)
+            state.post(events.WifiMacChanged(old_mac, wifi.mac))
+        state.wifi = wifi
+        self.attached_once = True
+
+    def leave_wifi(self, state, config) -> None:
+        """The Wi-Fi interface is gone (or renamed away): take the programs off what remains of it."""
+        previous = netlink.link_by_index(state.ipr, config.wifi_ifindex) if config.wifi_ifindex else None
+        if previous is not None:  # renamed: it is not our Wi-Fi interface any more
+            plumbing.detach_wifi(state.ipr, previous.index, bool(config.flags & constants.CFG_CREATED_CLSACT))
+        plumbing.update_config(state.maps, wifi_ifindex=0, flags=config.flags & ~constants.CFG_CREATED_CLSACT)
+        how = f"renamed to {previous.name}" if previous is not None else "gone"
+        log.warning("%s is %s: the VMs cannot reach the LAN until it is back; their bindings are kept",
+                    state.wifi_name, how)
+        state.wifi = None
+        state.post(events.WifiLost(state.wifi_name))
+
+    def move_wifi_fdb(self, state, old: str, new: str) -> None:
+        # VM frames for the host must go to the uplink only, never be flooded to the other VMs.
+        if old != new:
+            netlink.fdb_del(state.ipr, state.uplink.index, old)
+        netlink.fdb_set(state.ipr, state.uplink.index, new)
+
+    def reconcile_bridge_side(self, state) -> None:
+        ipr, maps = state.ipr, state.maps
+        bridge_name = state.settings.bridge
+        bridge = self.usable(netlink.find_link(ipr, bridge_name), loader.check_bridge)
+        config = maps.current_config()
+        port_name, peer_name = plumbing.uplink_names(state.wifi_name)
+        uplink, peer = netlink.find_link(ipr, port_name), netlink.find_link(ipr, peer_name)
+        if bridge is None:
+            if state.bridge is not None or config.bridge_ifindex:
+                plumbing.update_config(maps, bridge_ifindex=0)
+                log.warning("%s is gone: the VMs are cut off from the LAN until it is back", bridge_name)
+                state.post(events.BridgeLost(bridge_name))
+            state.bridge, state.uplink = None, uplink
+            return
+        ready = state.bridge is None or state.bridge.index != bridge.index
+        if uplink is None or peer is None:
+            for half in (uplink, peer):
+                if half is not None:
+                    plumbing.remove_uplink(ipr, half.index)
+            uplink = plumbing.create_uplink(ipr, state.wifi_name, bridge)
+            plumbing.attach_uplink(ipr, uplink.index, state.datapath.programs)
+            plumbing.set_up(ipr, uplink)
+            if config.uplink_ifindex:
+                log.warning("re-created the uplink %s in %s (it had been deleted)", port_name, bridge_name)
+            ready = True
+        else:
+            if "egress" not in plumbing.macnat_hooks(ipr, uplink.index):
+                plumbing.attach_uplink(ipr, uplink.index, state.datapath.programs)
+                log.warning("put uplink_egress back on %s (its filter had been removed)", port_name)
+            if uplink.master != bridge.index or uplink.mtu != bridge.mtu:
+                plumbing.enslave(ipr, uplink, bridge)
+                if uplink.master != bridge.index:
+                    log.warning("put %s back into %s (it had been taken out%s)", port_name, bridge_name,
+                                "" if uplink.master else ", as `ifreload -a` does with ports it does not know")
+                    ready = True
+            if not uplink.up:
+                plumbing.set_up(ipr, uplink)
+        uplink = netlink.link(ipr, port_name)
+        if config.bridge_ifindex != bridge.index or config.uplink_ifindex != uplink.index:
+            plumbing.update_config(maps, bridge_ifindex=bridge.index, uplink_ifindex=uplink.index)
+        state.bridge, state.uplink = bridge, uplink
+        if ready:
+            netlink.fdb_set(ipr, uplink.index, mac_str(maps.current_config().wifi_mac))
+            state.post(events.UplinkReady(uplink, bridge))
+
+    def detach(self, state) -> None:
+        config = state.maps.current_config()
+        if config.wifi_ifindex:
+            plumbing.detach_wifi(state.ipr, config.wifi_ifindex, bool(config.flags & constants.CFG_CREATED_CLSACT))
+        for name in plumbing.uplink_names(state.wifi_name):
+            found = netlink.find_link(state.ipr, name)
+            if found is not None:
+                plumbing.remove_uplink(state.ipr, found.index)
+                break
+        state.wifi = state.uplink = None
