@@ -18,7 +18,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "this set-up needs a Debian-based system (apt-get)"
 
 # Debian's python3-bpfcc is bcc; PyPI's "bcc" is an unrelated package and is never installed.
-packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client
+packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client dhcpcd-base bridge-utils
           iperf3 tcpdump iputils-ping bpftool
           ebtables iptables parprouted dhcp-helper linux-perf   # the benchmarks' alternatives and profile
           qemu-system-x86 debootstrap busybox-static zstd cpio kmod)   # the real-802.11 test in a VM
@@ -80,6 +80,24 @@ else
     fi
     bcc_compiles || die "bcc still cannot compile a SCHED_CLS program against $(readlink -f "$modules/build")"
     say "bcc compiles a SCHED_CLS program"
+fi
+
+# Debian's ifupdown2, unpacked rather than installed (installing it would take over this machine's
+# networking): the lab runs its `ifreload -a` inside a lab namespace only, as Proxmox's "Apply
+# Configuration" does (macnat.lab.ifreload).
+ifupdown2=/var/cache/macnat-lab/ifupdown2
+if [ ! -x "$ifupdown2/usr/share/ifupdown2/ifupdown2" ]; then
+    apt_has ifupdown2 || die "no ifupdown2 package in apt's sources"
+    tmp=$(mktemp -d) && chmod 755 "$tmp"   # apt downloads as the _apt user
+    (cd "$tmp" && apt_get download -q ifupdown2 >/dev/null)
+    rm -rf "$ifupdown2.new" && mkdir -p "$(dirname "$ifupdown2")"
+    dpkg-deb -x "$tmp"/ifupdown2_*.deb "$ifupdown2.new"
+    version=$(dpkg-deb -f "$tmp"/ifupdown2_*.deb Version)
+    # Where ifupdown2 looks for its configuration when /etc/network/ifupdown2 does not exist.
+    mkdir -p "$ifupdown2.new/usr/share/ifupdown2/etc/network"
+    cp -r "$ifupdown2.new/etc/network/ifupdown2" "$ifupdown2.new/usr/share/ifupdown2/etc/network/"
+    rm -rf "$ifupdown2" "$tmp" && mv "$ifupdown2.new" "$ifupdown2"
+    say "unpacked Debian's ifupdown2 $version into $ifupdown2 (not installed)"
 fi
 
 # The venv sees Debian's bcc bindings through one link, not through all of dist-packages.

@@ -346,12 +346,13 @@ def lab_up(
     ap_filter: Annotated[bool, typer.Option(help="AP drops frames of unassociated MACs (off: a 4-address/WDS AP)")] = True,
     mcast_to_ucast: Annotated[bool, typer.Option(help="AP delivers broadcast/multicast as unicast to the station")] = False,
     ipv6: Annotated[bool, typer.Option(help="The router also serves RA and DHCPv6")] = False,
+    second_network: Annotated[bool, typer.Option(help="A second AP on 192.168.88.0/24 to roam to")] = False,
 ) -> None:
     """Build the lab (replacing any lab already there)."""
     from macnat import lab
 
     require_root()
-    lab.up(lab.Knobs(ap_filter=ap_filter, mcast_to_ucast=mcast_to_ucast, ipv6=ipv6))
+    lab.up(lab.Knobs(ap_filter=ap_filter, mcast_to_ucast=mcast_to_ucast, ipv6=ipv6, second_network=second_network))
     typer.echo("lab is up: " + ", ".join(ns.name for ns in lab.namespaces()))
 
 
@@ -382,6 +383,42 @@ def lab_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON"
     typer.echo(f"laptop: {info['laptop']}")
     for name, vm in info["vms"].items():
         typer.echo(f"{name}: {vm}")
+
+
+@lab_app.command("flap")
+def lab_flap(down: Annotated[float, typer.Option(help="Seconds wlan0 stays down")] = 1.0) -> None:
+    """The laptop's Wi-Fi goes down and comes back (suspend/resume, rfkill)."""
+    from macnat import lab
+
+    require_root()
+    lab.flap(down)
+    typer.echo(f"wlan0 was down for {down:g} s")
+
+
+@lab_app.command("replug")
+def lab_replug(
+    mac: Annotated[Optional[str], typer.Option(help="The MAC it comes back with (default: the same)")] = None,
+    absent: Annotated[float, typer.Option(help="Seconds it is away")] = 1.0,
+) -> None:
+    """The laptop's Wi-Fi interface is deleted and created again (a USB dongle re-plugged): a new ifindex."""
+    from macnat import lab
+
+    require_root()
+    lab.replug(mac, absent)
+    typer.echo("wlan0 re-created")
+
+
+@lab_app.command("roam")
+def lab_roam(
+    network: Annotated[str, typer.Argument(help="a (192.168.77.0/24) or b (192.168.88.0/24, lab up --second-network)")],
+    mac: Annotated[Optional[str], typer.Option(help="The station's MAC on the new network (default: unchanged)")] = None,
+) -> None:
+    """The laptop moves to the other network's AP, with another MAC if asked, and gets an address there."""
+    from macnat import lab
+
+    require_root()
+    net = lab.roam(network, mac)
+    typer.echo(f"on network {net.key}: wlan0 {net.laptop_ip}, gateway {net.gateway}")
 
 
 @lab_app.command("demo")

@@ -8,8 +8,13 @@
                               air        nftables: what a 3-address AP does to a station
                                |
         mnlab-laptop:        wlan0  192.168.77.10 (the station)
-                             vmbr0  (bridge) --- tap101 --- eth0  mnlab-vm1  (isc dhclient)
-                                             --- tap102 --- eth0  mnlab-vm2  (isc dhclient)
+                             vmbr0  (bridge) --- tap101 --- eth0  mnlab-vm1  (isc dhclient or dhcpcd)
+                                             --- tap102 --- eth0  mnlab-vm2
+
+With `second_network`, a second access point on another subnet (mnlab-ap2 with mnlab-router2
+192.168.88.1 and mnlab-lanhost2 192.168.88.20) that the laptop can roam to: the station's `air` end
+moves to that AP, as a station associates with another network, wlan0 gets another MAC (as with
+NetworkManager's per-network random MAC) and the host another address.
 
 The "air" port models a 3-address association: from the station the AP accepts only frames whose
 source MAC is the associated station's (mac80211 puts the Ethernet source into the transmitter
@@ -17,11 +22,15 @@ address, and an AP drops frames from transmitters that are not associated); towa
 delivers unicast only when addressed to the station (group frames always). Each rule counts what it
 drops. With the filter off the AP behaves like a 4-address (WDS) AP, where plain bridging works.
 `mcast_to_ucast` models APs that deliver group frames as unicast to the station's MAC.
+
+The laptop's Wi-Fi events are knobs too: flap() (down and up, as suspend/resume or rfkill do),
+replug() (the interface deleted and created again: a new ifindex, as with a USB dongle), roam().
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -38,11 +47,9 @@ from macnat.netns import Namespace, names
 PREFIX = f"{netns.PREFIX}lab-"
 STATE_DIR = Path("/run/macnat-lab" if netns.PREFIX == "mn" else f"/run/macnat-lab-{netns.PREFIX}")
 SUBNET_PREFIXLEN = 24
-GATEWAY = "192.168.77.1"
-DHCP_RANGE = ("192.168.77.100", "192.168.77.199")
-IPV6_PREFIX = "fd77:77::"
 AP_TABLE = "mnlab_ap"
 DHCP_TIMEOUT = 8
+IFUPDOWN2_DIR = Path(os.environ.get("MACNAT_IFUPDOWN2", "/var/cache/macnat-lab/ifupdown2"))
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,56 @@ class Host:
     ip6: str | None = None  # static IPv6 address when the lab serves IPv6
 
 
-AP = Namespace(PREFIX + "ap")
-ROUTER = Host(Namespace(PREFIX + "router"), "eth0", "02:4d:4e:00:00:01", GATEWAY, IPV6_PREFIX + "1")
-LANHOST = Host(Namespace(PREFIX + "lanhost"), "eth0", "02:4d:4e:00:00:14", "192.168.77.20", IPV6_PREFIX + "20")
-LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", "192.168.77.10")
+@dataclass(frozen=True)
+class LanNetwork:
+    """One access point with its LAN: a router (dnsmasq) and a LAN host."""
+
+    key: str
+    ap: Namespace
+    router: Host
+    lanhost: Host
+    prefix4: str   # "192.168.77."
+    prefix6: str   # "fd77:77::"
+
+    @property
+    def gateway(self) -> str:
+        return self.router.ip
+
+    @property
+    def subnet(self) -> str:
+        return f"{self.prefix4}0/{SUBNET_PREFIXLEN}"
+
+    @property
+    def laptop_ip(self) -> str:
+        return f"{self.prefix4}10"
+
+    @property
+    def dhcp_range(self) -> tuple[str, str]:
+        return f"{self.prefix4}100", f"{self.prefix4}199"
+
+    def state_file(self, name: str) -> Path:
+        """A file of this network's router in STATE_DIR: dnsmasq.log for the first, dnsmasq-b.log ..."""
+        stem, dot, suffix = name.partition(".")
+        return STATE_DIR / (name if self.key == "a" else f"{stem}-{self.key}{dot}{suffix}")
+
+    def namespaces(self) -> list[Namespace]:
+        return [self.ap, self.router.ns, self.lanhost.ns]
+
+
+NETWORKS = {
+    "a": LanNetwork("a", Namespace(PREFIX + "ap"),
+                    Host(Namespace(PREFIX + "router"), "eth0", "02:4d:4e:00:00:01", "192.168.77.1", "fd77:77::1"),
+                    Host(Namespace(PREFIX + "lanhost"), "eth0", "02:4d:4e:00:00:14", "192.168.77.20", "fd77:77::20"),
+                    "192.168.77.", "fd77:77::"),
+    "b": LanNetwork("b", Namespace(PREFIX + "ap2"),
+                    Host(Namespace(PREFIX + "router2"), "eth0", "02:4d:4e:00:01:01", "192.168.88.1", "fd88:88::1"),
+                    Host(Namespace(PREFIX + "lanhost2"), "eth0", "02:4d:4e:00:01:14", "192.168.88.20", "fd88:88::20"),
+                    "192.168.88.", "fd88:88::"),
+}
+HOME = NETWORKS["a"]
+AP, ROUTER, LANHOST = HOME.ap, HOME.router, HOME.lanhost
+GATEWAY, IPV6_PREFIX, DHCP_RANGE = HOME.gateway, HOME.prefix6, HOME.dhcp_range
+LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", HOME.laptop_ip)
 BRIDGE = "vmbr0"
 BRIDGE_MAC = "02:4d:4e:00:00:b0"
 VMS = {
@@ -73,10 +126,16 @@ class Knobs:
     mcast_to_ucast: bool = False
     ipv6: bool = False
     station_mac: str = LAPTOP.mac     # the MAC the AP has associated
+    second_network: bool = False      # build network "b" to roam to
+    network: str = "a"                # the network the station is associated with
+
+    def networks(self) -> list[LanNetwork]:
+        return [NETWORKS["a"], NETWORKS["b"]] if self.second_network else [NETWORKS["a"]]
 
 
-def namespaces() -> list[Namespace]:
-    return [AP, ROUTER.ns, LANHOST.ns, LAPTOP.ns, *(vm.ns for vm in VMS.values())]
+def namespaces(knobs: Knobs | None = None) -> list[Namespace]:
+    knobs = knobs or Knobs()
+    return [*(ns for net in knobs.networks() for ns in net.namespaces()), LAPTOP.ns, *(vm.ns for vm in VMS.values())]
 
 
 def _veth(ns_a: Namespace, if_a: str, ns_b: Namespace, if_b: str, mac_b: str | None = None) -> None:
@@ -99,31 +158,37 @@ def up(knobs: Knobs | None = None) -> Knobs:
     except BaseException:
         down()
         raise
-    (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+    _save(knobs)
     return knobs
 
 
+def _save(knobs: Knobs) -> None:
+    (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+
+
 def _build(knobs: Knobs) -> None:
-    for ns in namespaces():
+    for ns in namespaces(knobs):
         Namespace.create(ns.name)
         if not knobs.ipv6:  # no DAD delays where IPv6 is only link-local chatter
             ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
-    AP.ip("link", "add", "apbr", "type", "bridge", "forward_delay", "0", "stp_state", "0")
-    for host, port in ((ROUTER, "p-router"), (LANHOST, "p-lanhost"), (LAPTOP, "air")):
-        _veth(AP, port, host.ns, host.ifname, host.mac)
-        AP.ip("link", "set", port, "master", "apbr", "up")
-    AP.ip("link", "set", "apbr", "up")
+    for net in knobs.networks():
+        net.ap.ip("link", "add", "apbr", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        for host, port in ((net.router, "p-router"), (net.lanhost, "p-lanhost")):
+            _veth(net.ap, port, host.ns, host.ifname, host.mac)
+            net.ap.ip("link", "set", port, "master", "apbr", "up")
+        net.ap.ip("link", "set", "apbr", "up")
+        for host in (net.router, net.lanhost):
+            _address(host)
+            host.ns.ip("link", "set", host.ifname, "up")
+        net.lanhost.ns.ip("route", "add", "default", "via", net.gateway)
+        if knobs.ipv6:
+            for host in (net.router, net.lanhost):
+                host.ns.ip("-6", "addr", "add", f"{host.ip6}/64", "dev", host.ifname, "nodad")
+    current = NETWORKS[knobs.network]
+    _associate(current, knobs.station_mac, create=True)
     set_ap(knobs)
-
-    for host in (ROUTER, LANHOST, LAPTOP):
-        _address(host)
-        host.ns.ip("link", "set", host.ifname, "up")
-        if host is not ROUTER:
-            host.ns.ip("route", "add", "default", "via", GATEWAY)
-    if knobs.ipv6:
-        for host in (ROUTER, LANHOST):
-            host.ns.ip("-6", "addr", "add", f"{host.ip6}/64", "dev", host.ifname, "nodad")
+    _configure_host(current)
 
     LAPTOP.ns.ip("link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
                  "forward_delay", "0", "stp_state", "0")
@@ -135,26 +200,100 @@ def _build(knobs: Knobs) -> None:
         vm.ns.ip("link", "set", vm.ifname, "up")
 
     _write_dhclient_files()
-    _start_dnsmasq(knobs)
+    for net in knobs.networks():
+        _start_dnsmasq(net, knobs)
 
 
-def _start_dnsmasq(knobs: Knobs) -> None:
+def _associate(net: LanNetwork, mac: str, create: bool = False) -> None:
+    """The station joins `net`'s AP: its `air` end (created with wlan0 when `create`) in the AP's bridge."""
+    if create:
+        _veth(net.ap, "air", LAPTOP.ns, LAPTOP.ifname, mac)
+    net.ap.ip("link", "set", "air", "master", "apbr", "up")
+    LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "up")
+
+
+def _configure_host(net: LanNetwork) -> None:
+    """What the host's network manager does once associated: its address and default route."""
+    LAPTOP.ns.ip("addr", "replace", f"{net.laptop_ip}/{SUBNET_PREFIXLEN}", "dev", LAPTOP.ifname)
+    LAPTOP.ns.ip("route", "replace", "default", "via", net.gateway, "dev", LAPTOP.ifname)
+
+
+# ---- the laptop's Wi-Fi events ------------------------------------------------------------------
+
+def flap(down_seconds: float = 0.5) -> None:
+    """wlan0 down and up again (suspend/resume, rfkill); the host's network manager restores its route."""
+    LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "down")
+    time.sleep(down_seconds)
+    LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "up")
+    _configure_host(NETWORKS[current_knobs().network])
+
+
+def unplug() -> None:
+    """The Wi-Fi interface disappears (a USB dongle pulled, a driver unloaded)."""
+    LAPTOP.ns.ip("link", "del", LAPTOP.ifname)
+
+
+def plug(mac: str | None = None) -> None:
+    """The Wi-Fi interface appears again: a new ifindex, the same name; associated and configured."""
+    knobs = current_knobs()
+    knobs.station_mac = mac or knobs.station_mac
+    net = NETWORKS[knobs.network]
+    _associate(net, knobs.station_mac, create=True)
+    set_ap(knobs)
+    _configure_host(net)
+
+
+def replug(mac: str | None = None, absent_seconds: float = 0.5) -> None:
+    """unplug(), then plug() again after `absent_seconds`."""
+    unplug()
+    time.sleep(absent_seconds)
+    plug(mac)
+
+
+def roam(network: str, mac: str | None = None) -> LanNetwork:
+    """The laptop moves to another network: it leaves its AP, associates with `network`'s AP (with
+    another MAC, as NetworkManager's per-network random MAC does) and gets that network's address."""
+    knobs = current_knobs()
+    if network not in {net.key for net in knobs.networks()}:
+        raise MacnatError(f"the lab has no network '{network}' (lab up with second_network)")
+    old, new = NETWORKS[knobs.network], NETWORKS[network]
+    LAPTOP.ns.ip("addr", "flush", "dev", LAPTOP.ifname)
+    if old is not new:
+        old.ap.ip("link", "set", "air", "netns", new.ap.name)
+    if mac:
+        LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "down")
+        LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "address", mac)
+        knobs.station_mac = mac
+    knobs.network = network
+    set_ap(knobs)
+    _associate(new, knobs.station_mac)
+    _configure_host(new)
+    return new
+
+
+def laptop_ip() -> str:
+    return NETWORKS[current_knobs().network].laptop_ip
+
+
+def _start_dnsmasq(net: LanNetwork, knobs: Knobs) -> None:
+    first, last = net.dhcp_range
+    pidfile = net.state_file("dnsmasq.pid")
     argv = [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-        f"--interface={ROUTER.ifname}", "--bind-interfaces", "--dhcp-authoritative", "--no-ping",
-        f"--dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,1h",
-        f"--dhcp-option=option:router,{GATEWAY}",
-        f"--dhcp-leasefile={STATE_DIR / 'dnsmasq.leases'}", "--log-dhcp", "--log-facility=-",
-        f"--pid-file={STATE_DIR / 'dnsmasq.pid'}",
+        f"--interface={net.router.ifname}", "--bind-interfaces", "--dhcp-authoritative", "--no-ping",
+        f"--dhcp-range={first},{last},255.255.255.0,1h",
+        f"--dhcp-option=option:router,{net.gateway}",
+        f"--dhcp-leasefile={net.state_file('dnsmasq.leases')}", "--log-dhcp", "--log-facility=-",
+        f"--pid-file={pidfile}",
     ]
     if knobs.ipv6:
         # RA with the A flag (SLAAC) and the M flag (DHCPv6): VMs get an address of each kind.
-        argv += ["--enable-ra", f"--dhcp-range={IPV6_PREFIX}100,{IPV6_PREFIX}1ff,slaac,64,1h"]
-    ROUTER.ns.spawn(*argv, log=STATE_DIR / "dnsmasq.log")
+        argv += ["--enable-ra", f"--dhcp-range={net.prefix6}100,{net.prefix6}1ff,slaac,64,1h"]
+    net.router.ns.spawn(*argv, log=net.state_file("dnsmasq.log"))
     deadline = time.monotonic() + 5
-    while not (STATE_DIR / "dnsmasq.pid").exists():
+    while not pidfile.exists():
         if time.monotonic() > deadline:
-            raise MacnatError(f"dnsmasq did not start in {ROUTER.ns.name}: see {STATE_DIR / 'dnsmasq.log'}")
+            raise MacnatError(f"dnsmasq did not start in {net.router.ns.name}: see {net.state_file('dnsmasq.log')}")
         time.sleep(0.02)
 
 
@@ -245,6 +384,65 @@ def _stop_client(vm: str, kind: str) -> None:
     (STATE_DIR / f"{kind}-{vm}.leases").unlink(missing_ok=True)
 
 
+DHCPCD_CONF = """# dhcpcd as a lab VM's network manager: IPv4 (the kernel does SLAAC); no hooks
+ipv4only
+noipv4ll
+option subnet_mask, routers
+"""
+
+
+def start_dhcpcd(vm: str) -> subprocess.Popen:
+    """Run dhcpcd in the VM as a guest's network manager would: it asks for a lease at start and again
+    whenever its carrier comes back (how guests learn that the host changed networks). Its /run and
+    /var/lib/dhcpcd are private (a mount namespace of its own): the VMs' state stays apart, and off
+    the machine."""
+    release(vm)
+    conf = STATE_DIR / "dhcpcd.conf"
+    conf.write_text(DHCPCD_CONF)
+    host = VMS[vm]
+    script = (f"mount -t tmpfs none /run && mount -t tmpfs none /var/lib/dhcpcd && "
+              f"exec dhcpcd -B -f {conf} -c /bin/true {host.ifname}")
+    return host.ns.spawn("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                         log=STATE_DIR / f"dhcpcd-{vm}.log")
+
+
+def wait_lease(vm: str, network: str | None = None, timeout: float = 20) -> str:
+    """The VM's IPv4 address in `network`'s subnet (default: the laptop's), once its client has one."""
+    prefix = NETWORKS[network or current_knobs().network].prefix4
+    deadline = time.monotonic() + timeout
+    while True:
+        ip = vm_ip(vm)
+        if ip and ip.startswith(prefix):
+            return ip
+        if time.monotonic() > deadline:
+            raise MacnatError(f"{vm} has no address in {prefix}0/24 after {timeout:g} s (it has {ip})")
+        time.sleep(0.05)
+
+
+def ifreload(interfaces: str) -> subprocess.CompletedProcess:
+    """Debian's ifupdown2 `ifreload -a` in the laptop's namespace, on `interfaces` (the text of an
+    /etc/network/interfaces): what Proxmox's "Apply Configuration" runs. ifupdown2 is unpacked by
+    setup.sh, not installed, and runs in a mount namespace of its own with a private /run and /var/tmp
+    and its configuration pointing at the lab's files: it never sees the machine's own network."""
+    program = IFUPDOWN2_DIR / "usr/share/ifupdown2/ifupdown2"
+    conf = IFUPDOWN2_DIR / "usr/share/ifupdown2/etc/network/ifupdown2/ifupdown2.conf"
+    if not program.exists() or not conf.exists():
+        raise MacnatError(f"Debian's ifupdown2 is not unpacked in {IFUPDOWN2_DIR}: run ./setup.sh")
+    (STATE_DIR / "interfaces").write_text(interfaces)
+    own_conf = STATE_DIR / "ifupdown2.conf"
+    lines = [ln for ln in conf.read_text().splitlines()
+             if not ln.startswith(("default_interfaces_configfile=", "state_dir="))]
+    own_conf.write_text("\n".join([*lines, "default_interfaces_configfile=/var/tmp/interfaces",
+                                    "state_dir=/var/tmp/network/"]) + "\n")
+    # The private /run hides STATE_DIR: what ifupdown2 reads goes to the private /var/tmp first. It
+    # takes its command from the name it runs under, hence the ifreload link.
+    script = (f"mount --bind {own_conf} {conf} && mount -t tmpfs none /var/tmp && "
+              f"cp {STATE_DIR / 'interfaces'} /var/tmp/interfaces && ln -s {program} /var/tmp/ifreload && "
+              f"mount -t tmpfs none /run && mkdir /run/network && exec python3 /var/tmp/ifreload -a")
+    return LAPTOP.ns.run("unshare", "--mount", "--propagation", "private", "sh", "-c", script, check=False,
+                         timeout=60)
+
+
 def release(vm: str) -> None:
     """Stop the VM's DHCP client and forget its lease, so the next dhcp() starts from scratch."""
     _stop_client(vm, "dhclient")
@@ -275,18 +473,20 @@ def wait_slaac(vm: str) -> str:
 
 
 def _wait_address(vm: str, wanted, kind: str, timeout: float = 10) -> str:
+    """A global IPv6 address of the VM in the prefix of the network the laptop is on."""
+    prefix = NETWORKS[current_knobs().network].prefix6
     deadline = time.monotonic() + timeout
     while True:
         for info in _ipv6_addresses(vm):
-            if info["local"].startswith(IPV6_PREFIX) and wanted(info):
+            if info["local"].startswith(prefix) and wanted(info):
                 return info["local"]
         if time.monotonic() > deadline:
-            raise MacnatError(f"{vm} got no {kind} address in {IPV6_PREFIX}/64 within {timeout:g} s")
+            raise MacnatError(f"{vm} got no {kind} address in {prefix}/64 within {timeout:g} s")
         time.sleep(0.1)
 
 
 def set_ap(knobs: Knobs) -> None:
-    """Install the access point's behaviour towards the station (replacing what was there)."""
+    """Install the access points' behaviour towards the station (replacing what was there)."""
     rules = []
     if knobs.mcast_to_ucast:
         rules.append(f'oifname "air" meta pkttype {{ broadcast, multicast }} ether daddr set {knobs.station_mac}')
@@ -295,7 +495,8 @@ def set_ap(knobs: Knobs) -> None:
         rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
                      f'ether daddr != {knobs.station_mac} counter name "to_unassociated" drop')
     body = "\n".join(f"    {r}" for r in rules)
-    AP.run("nft", "-f", "-", input=f"""
+    for net in knobs.networks():
+        net.ap.run("nft", "-f", "-", input=f"""
 table bridge {AP_TABLE}
 delete table bridge {AP_TABLE}
 table bridge {AP_TABLE} {{
@@ -308,20 +509,21 @@ table bridge {AP_TABLE} {{
 }}
 """)
     if STATE_DIR.exists():
-        (STATE_DIR / "knobs.json").write_text(json.dumps(asdict(knobs)))
+        _save(knobs)
 
 
 def reassociate(mac: str) -> None:
     """The station comes back with another MAC (as with MAC randomisation) and the AP associates it."""
     LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "address", mac)
-    current = knobs() or Knobs()
+    current = current_knobs()
     current.station_mac = mac
     set_ap(current)
 
 
 def ap_drops() -> dict[str, int]:
-    """Frames the AP dropped: from unassociated source MACs, and unicast to MACs other than the station's."""
-    out = json.loads(AP.run("nft", "-j", "list", "counters", "table", "bridge", AP_TABLE).stdout)
+    """Frames the station's AP dropped: from unassociated source MACs, and unicast to MACs other than the station's."""
+    ap = NETWORKS[current_knobs().network].ap
+    out = json.loads(ap.run("nft", "-j", "list", "counters", "table", "bridge", AP_TABLE).stdout)
     return {item["counter"]["name"]: item["counter"]["packets"] for item in out["nftables"] if "counter" in item}
 
 
@@ -330,17 +532,17 @@ def knobs() -> Knobs | None:
     return Knobs(**json.loads(path.read_text())) if path.exists() else None
 
 
+def current_knobs() -> Knobs:
+    return knobs() or Knobs()
+
+
 def is_up() -> bool:
-    return all(ns.exists() for ns in namespaces())
+    return all(ns.exists() for ns in namespaces(current_knobs()))
 
 
 def down() -> None:
     """Remove every lab namespace (and the processes in them) and the lab's files."""
-    present = set(names())
-    for ns in namespaces():
-        if ns.name in present:
-            ns.delete()
-    for name in present:  # leftovers of an older lab layout
+    for name in names():
         if name.startswith(PREFIX):
             Namespace(name).delete()
     shutil.rmtree(STATE_DIR, ignore_errors=True)
@@ -401,9 +603,9 @@ def status() -> dict:
         return {"up": False, "namespaces": [n for n in names() if n.startswith(PREFIX)]}
     return {
         "up": True,
-        "knobs": asdict(knobs() or Knobs()),
+        "knobs": asdict(current_knobs()),
         "ap_drops": ap_drops(),
-        "laptop": {"wifi": LAPTOP.ifname, "mac": LAPTOP.mac, "ip": LAPTOP.ip, "bridge": BRIDGE},
+        "laptop": {"wifi": LAPTOP.ifname, "mac": current_knobs().station_mac, "ip": laptop_ip(), "bridge": BRIDGE},
         "vms": {name: {"mac": vm.mac, "ip": vm_ip(name), "ip6": vm_ip6(name), "ns": vm.ns.name}
                 for name, vm in VMS.items()},
         "lan": {"router": ROUTER.ip, "lanhost": LANHOST.ip},

@@ -68,6 +68,11 @@ class FiltersChanged:
 
 
 @dataclass(frozen=True)
+class Overrun:
+    """Netlink events were lost: whatever depends on them must look at the system again."""
+
+
+@dataclass(frozen=True)
 class WifiAssociation:
     """nl80211: the station connected, roamed or disconnected."""
 

@@ -1,42 +1,82 @@
-"""Where events come from: rtnetlink, nl80211 and signals, each a file descriptor the loop polls."""
+"""Where events come from: rtnetlink, nl80211 and signals, each a file descriptor the loop polls.
+
+The netlink sources read their sockets themselves and let pyroute2 only decode the messages:
+pyroute2's own get() hands out one message per call and keeps the rest of a datagram in a queue of
+its own, which a poll on the socket never sees (a rename following a link-down would wait for the
+next event).
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
+import struct
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nl80211 import nl80211cmd
 from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
                                    RTMGRP_LINK, RTMGRP_TC)
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from macnat import netlink
 from macnat.manager import events
 
 log = logging.getLogger("macnat")
 RT_TABLE_MAIN = 254
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+RECEIVE_BUFFER = 4 << 20   # bursts (a bridge re-created with many ports) must not overflow it
+NLMSG_HEADER = struct.Struct("=IHHII")
 
 
-class Rtnetlink:
+class NetlinkSource:
+    """A non-blocking netlink socket subscribed to multicast groups; read() returns events."""
+
+    def __init__(self, protocol: int, groups: int = 0):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                  protocol)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        self.sock.bind((0, groups))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list:
+        found = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return found
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                log.warning("netlink events were lost (the socket overflowed): checking everything again")
+                found.append(events.Overrun())
+                continue
+            found += self.decode(data)
+
+    def decode(self, data: bytes) -> list:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Rtnetlink(NetlinkSource):
     """Link, address, main-table route and tc changes in this network namespace."""
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_TC
 
     def __init__(self):
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=self.GROUPS)
+        super().__init__(socket.NETLINK_ROUTE, self.GROUPS)
+        self.marshal = MarshalRtnl()
 
-    def fileno(self) -> int:
-        return self.ipr.fileno()
-
-    def read(self) -> list:
-        found = []
-        for msg in self.ipr.get():
-            event = self._event(msg)
-            if event is not None:
-                found.append(event)
-        return found
+    def decode(self, data: bytes) -> list:
+        return [e for e in map(self._event, self.marshal.parse(data)) if e is not None]
 
     @staticmethod
     def _event(msg):
@@ -52,24 +92,24 @@ class Rtnetlink:
             return events.FiltersChanged(msg["index"])
         return None
 
-    def close(self) -> None:
-        self.ipr.close()
 
-
-class Nl80211:
+class Nl80211(NetlinkSource):
     """The station's connects, roams and disconnects (nl80211's "mlme" group).
 
     NetworkManager reports no roams and wpa_cli only network changes; the kernel reports them all.
-    On a machine without cfg80211 (the lab) there is no nl80211 family: available() is False there.
+    On a machine without cfg80211 (the lab) there is no nl80211 family: available() is None there.
     """
 
     COMMANDS = {"NL80211_CMD_CONNECT": "connect", "NL80211_CMD_ROAM": "roam", "NL80211_CMD_DISCONNECT": "disconnect"}
 
     def __init__(self):
-        from pyroute2 import IW
+        from pyroute2 import NL80211
 
-        self.iw = IW()
-        self.iw.add_membership("mlme")
+        with NL80211() as resolver:  # the family's and the group's numbers
+            resolver.bind()
+            self.family, group = resolver.prid, resolver.mcast_groups["mlme"]
+        super().__init__(socket.NETLINK_GENERIC)
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
 
     @classmethod
     def available(cls) -> Nl80211 | None:
@@ -79,20 +119,30 @@ class Nl80211:
             log.debug("no nl80211 events (%s): following the Wi-Fi by rtnetlink alone", exc)
             return None
 
-    def fileno(self) -> int:
-        return self.iw.fileno()
-
-    def read(self) -> list:
-        found = []
-        for msg in self.iw.get():
-            kind = self.COMMANDS.get(msg.get("event"))
-            if kind:
-                bssid = msg.get_attr("NL80211_ATTR_MAC")
-                found.append(events.WifiAssociation(msg.get_attr("NL80211_ATTR_IFINDEX"), kind, bssid))
+    def decode(self, data: bytes) -> list:
+        found, offset = [], 0
+        while offset + NLMSG_HEADER.size <= len(data):
+            length, kind = NLMSG_HEADER.unpack_from(data, offset)[:2]
+            if length < NLMSG_HEADER.size:
+                break
+            if kind == self.family:
+                msg = nl80211cmd(data[offset:offset + length])
+                msg.decode()
+                name = next((n for n, v in NL80211_COMMANDS.items() if v == msg["cmd"]), None)
+                if name in self.COMMANDS:
+                    found.append(events.WifiAssociation(msg.get_attr("NL80211_ATTR_IFINDEX"), self.COMMANDS[name],
+                                                        msg.get_attr("NL80211_ATTR_MAC")))
+            offset += (length + 3) & ~3
         return found
 
-    def close(self) -> None:
-        self.iw.close()
+
+def _nl80211_commands() -> dict[str, int]:
+    from pyroute2.netlink import nl80211
+
+    return {name: getattr(nl80211, name) for name in Nl80211.COMMANDS}
+
+
+NL80211_COMMANDS = _nl80211_commands()
 
 
 class Signals:

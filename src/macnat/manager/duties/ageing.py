@@ -3,8 +3,9 @@
 An idle binding is asked with a **unicast** ARP request or neighbour solicitation from the Wi-Fi
 interface (power-saving clients ignore broadcast probes); the VM's answer refreshes the binding in
 the datapath. A binding silent for the whole `age` is removed. Static bindings never age. While the
-Wi-Fi interface is away nothing can refresh a binding, so nothing expires then, and for one `age`
-after it is back only probes go out: every VM gets the time to answer.
+Wi-Fi interface is away, down or not associated the VMs cannot reach the LAN (and the host may have no
+address to probe from), so nothing expires then, and for one `age` after it is back only probes go
+out: every VM gets the time to answer.
 """
 
 from __future__ import annotations
@@ -29,22 +30,25 @@ class Ageing(Periodic):
         super().__init__(interval=1.0)
         self.probed_at: dict[str, float] = {}   # address -> time.monotonic() of its last probe
         self.grace_until = 0.0
+        self.wifi_was_unusable = False
         self.socket: socket.socket | None = None
         self.socket_bridge: int | None = None
 
     def handle(self, event_, state) -> None:
         if isinstance(event_, (events.Started, events.Reloaded)):
             self.interval = self.probe_interval(state)
-        elif isinstance(event_, events.WifiAttached) and event_.again:
-            self.grace_until = time.monotonic() + state.settings.age
 
     @staticmethod
     def probe_interval(state) -> float:
         return max(1.0, state.settings.age / 10)
 
     def run(self, now: float, state) -> None:
-        if state.wifi is None:
+        if state.wifi is None or not (state.wifi.up and state.wifi.carrier):
+            self.wifi_was_unusable = True
             return  # nothing can refresh a binding meanwhile: keep them all
+        if self.wifi_was_unusable:
+            self.wifi_was_unusable = False
+            self.grace_until = now + state.settings.age
         expire = now >= self.grace_until
         now_ns = monotonic_ns()
         age_ns = state.settings.age * 1e9

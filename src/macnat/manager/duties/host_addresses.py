@@ -18,7 +18,7 @@ log = logging.getLogger("macnat")
 
 class HostAddresses(Duty):
     def handle(self, event, state) -> None:
-        if isinstance(event, (events.Started, events.AddressChanged, events.WifiAttached)):
+        if isinstance(event, (events.Started, events.AddressChanged, events.WifiAttached, events.Overrun)):
             self.sync(state)
 
     def sync(self, state) -> None:

@@ -76,7 +76,7 @@ class NetworkChange(Duty):
 
     def handle(self, event_, state) -> None:
         wifi_index = state.wifi.index if state.wifi else None
-        if isinstance(event_, (events.Started, events.WifiAttached, events.WifiAssociation)):
+        if isinstance(event_, (events.Started, events.WifiAttached, events.WifiAssociation, events.Overrun)):
             self.schedule(0.0 if isinstance(event_, events.Started) else SETTLE)
         elif isinstance(event_, events.AddressChanged) and event_.index == wifi_index and event_.family == socket.AF_INET:
             self.schedule(SETTLE)

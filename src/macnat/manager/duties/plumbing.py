@@ -38,7 +38,7 @@ class Plumbing(Duty):
         self.reconcile(state)
 
     def handle(self, event, state) -> None:
-        if isinstance(event, (events.Started, events.Reloaded)):
+        if isinstance(event, (events.Started, events.Reloaded, events.Overrun)):
             self.reconcile(state)
         elif isinstance(event, events.LinkChanged) and self.concerns(event.link, state):
             self.reconcile(state)
