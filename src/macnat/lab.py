@@ -576,13 +576,15 @@ def macnat(*args: str, ns: Namespace | None = None, check: bool = True) -> subpr
 class RunningManager:
     """`macnat attach wlan0 vmbr0 ...` running in the laptop's namespace, its log in a file."""
 
-    def __init__(self, *args: str, log: Path, executable: str = MACNAT):
+    def __init__(self, *args: str, log: Path, executable: str = MACNAT, bridge: str | None = BRIDGE,
+                 env: dict[str, str] | None = None):
         self.log = log
-        self.proc = LAPTOP.ns.spawn(executable, "attach", LAPTOP.ifname, BRIDGE, *args, log=log)
+        self.proc = LAPTOP.ns.spawn(executable, "attach", LAPTOP.ifname, *([bridge] if bridge else []), *args,
+                                    log=log, env=env)
         # Ready once the manager says it is managing: it logs that after adopting or learning the tables
         # (the lock, and so `macnat status`, names this PID earlier, from before the exec).
         deadline = time.monotonic() + 30
-        while "macnat: managing " not in self.text():
+        while "managing wlan0 <-> " not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 raise MacnatError(f"macnat attach did not come up: {self.text().strip()}")
