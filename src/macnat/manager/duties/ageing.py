@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 from macnat import constants, frames, netlink
 from macnat.logs import event
