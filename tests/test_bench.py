@@ -12,11 +12,12 @@ def test_quick_benchmark_writes_a_report_and_a_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "benchmarks.md").read_text()
     for section in ("## 1. Per-packet datapath cost", "## 2. Table scale", "## 3. Throughput and latency in the lab",
-                    "## 4. Learning", "## 5. Cost of running it"):
+                    "## 4. Learning", "## 5. Cost of running it", "## 6. Recovery from the laptop's Wi-Fi events"):
         assert section in report
     for row in ("| VM -> Wi-Fi, IPv4 unicast | yes |", "| Wi-Fi -> VM, IPv6 unicast | yes |", "| (b) macnat |",
                 "| (c) ebtables-nft MAC NAT |", "| (d) parprouted + dhcp-helper |", "| (e) masquerade NAT"):
         assert row in report
     assert "first probes lost, VM -> LAN: 0, LAN -> VM: 0" in report
+    assert "| Wi-Fi interface deleted and created again: back -> next reply |" in report
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not lab.is_up(), "the benchmark removes its lab"

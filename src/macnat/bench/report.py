@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from macnat import bench  # noqa: E402
-from macnat.bench import datapath  # noqa: E402
+from macnat.bench import datapath, recovery  # noqa: E402
 
 
 def verdict(met: bool) -> str:
@@ -178,6 +178,7 @@ def render(r: dict, plot_name: str) -> str:
         "command's time; the detach itself (SIGTERM to the manager, which removes everything) is the row above.",
         "",
     ]
+    out += render_recovery(r["recovery"])
     changes = []
     if worst < bench.TARGET_THROUGHPUT_RATIO or not ahead:
         changes.append(
@@ -195,6 +196,35 @@ def render(r: dict, plot_name: str) -> str:
     if changes:
         out += ["## What we would change", "", *changes, ""]
     return "\n".join(out)
+
+
+def render_recovery(rec: dict) -> list[str]:
+    def seconds(value) -> str:
+        return "never" if value is None else f"{value:.2f} s"
+
+    rows = (("flap", "Wi-Fi down 1 s and up: up -> LAN host's next reply from the VM", bench.TARGET_RECOVERY_S),
+            ("replug", "Wi-Fi interface deleted and created again: back -> next reply", bench.TARGET_RECOVERY_S),
+            ("roam_lease", "roam to another network, another MAC: associated -> VM leased there", None),
+            ("roam_reachable", "... -> the new LAN's host reaches the VM", None))
+    out = [
+        "## 6. Recovery from the laptop's Wi-Fi events",
+        "",
+        recovery.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"{rec['flap']['samples']} round(s) of each.",
+        "",
+        "| event | median | max | failed | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for key, title, target in rows:
+        row = rec[key]
+        met = target is not None and row["max"] is not None and row["failed"] == 0 and row["max"] <= target
+        out.append(f"| {title} | {seconds(row['median'])} | {seconds(row['max'])} | {row['failed']} | "
+                   + (f"<= {target:g} s: {verdict(met)}" if target else "(the guest's DHCP client)") + " |")
+    out += ["", "The roam includes macnat's judgement that the network changed (1 s of quiet after the host's "
+            "new address), the VM ports' carrier bounce (1.5 s) and dhcpcd's own reaction to the carrier and to "
+            "the old server's NAK; the flap and re-plug need nothing from the guest.", ""]
+    return out
 
 
 def draw(r: dict, path: Path) -> None:
