@@ -252,3 +252,18 @@ def test_sigterm_detaches_and_leaves_nothing(attached):
     assert lab.LAPTOP.ns.run("bridge", "fdb", "show", "br", "vmbr0").stdout.count("static") == 0
     assert macnat("status").stdout.strip() == "macnat is not attached in this network namespace"
     assert not ping(VM1.ns, lab.LANHOST.ip, timeout=1), "without macnat the AP drops the VM's frames again"
+
+
+def test_table_filters_and_per_vm_rows(attached):
+    _, leases = attached
+    rows = lambda *args: json.loads(macnat("table", "--json", *args).stdout)
+    assert {r["ip"] for r in rows("--mac", VM1.mac.upper(), "--family", "ipv4")} == {leases["vm1"]}
+    assert {r["ip"] for r in rows("--ip", "192.168.77.0/24")} == set(leases.values())
+    assert rows("--ip", leases["vm2"])[0]["mac"] == VM2.mac
+    assert rows("--kind", "static") == []
+    (vm1,) = [vm for vm in rows("--by-vm") if vm["mac"] == VM1.mac]
+    assert vm1["ipv4"] == [leases["vm1"]] and vm1["tx_packets"] > 0 and vm1["wifi"] == "wlan0"
+    human = macnat("table", "--by-vm").stdout
+    assert VM1.mac in human and leases["vm1"] in human
+    bad = macnat("table", "--family", "ipx", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == "macnat: error: --family takes ipv4 or ipv6, not 'ipx'"

@@ -15,7 +15,7 @@ from macnat.manager import events
 from macnat.manager.duties import ageing, bindings_log, network_change, notify, statics
 from macnat.manager.loop import Loop
 from macnat.manager.state import State
-from macnat.maps import Binding, Config, MacAddr, MacSeen, ip_key, ip_str, mac_bytes, mac_str
+from macnat.maps import Binding, Config, MacAddr, MacSeen, Snapshot, ip_key, ip_str, mac_bytes, mac_str
 from macnat.netlink import Link
 
 VM_MAC, VM2_MAC = "52:54:00:00:01:01", "52:54:00:00:01:02"
@@ -30,6 +30,13 @@ class FakeMap:
 
     def items(self):
         return list(self.elements.values())
+
+    def snapshot(self) -> Snapshot:
+        pairs = list(self.elements.values())
+        key_size = len(bytes(pairs[0][0])) if pairs else 16
+        value_size = len(bytes(pairs[0][1])) if pairs else 48
+        return Snapshot(key_size, value_size, b"".join(bytes(k) for k, _ in pairs),
+                        b"".join(bytes(v) for _, v in pairs), len(pairs))
 
     def keys(self):
         return [k for k, _ in self.elements.values()]
@@ -175,8 +182,8 @@ def test_the_table_is_read_only_when_the_learning_counters_moved(state, caplog):
     duty = bindings_log.BindingsLog()
     duty.handle(events.Started(), state)
     reads = []
-    original = state.maps.bindings.items
-    state.maps.bindings.items = lambda: reads.append(1) or original()
+    original = state.maps.bindings.snapshot
+    state.maps.bindings.snapshot = lambda: reads.append(1) or original()
     duty.run(time.monotonic(), state)
     assert reads == [], "counters unchanged: no table read"
     bind(state, "192.168.77.134", VM_MAC, now_ns())

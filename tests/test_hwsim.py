@@ -1,5 +1,6 @@
 """macnat over real 802.11: mac80211_hwsim, hostapd (WPA2) and wpa_supplicant in a qemu VM running
-Debian's kernel. The guest test prints every check; on failure it also prints the logs of hostapd,
+Debian's kernel, through the laptop's day (a flap, a re-plug, a roam to another AP and subnet with a
+per-network random MAC). The guest test prints every check; on failure it also prints the logs of hostapd,
 wpa_supplicant, macnat and dnsmasq and a summary of the captures."""
 
 import subprocess
@@ -18,8 +19,19 @@ EVIDENCE = (
     "PASS macnat table lists both VMs",
     "PASS ping6 LAN host -> vm1",
     "PASS vm2 leased",
+    "PASS the station stayed associated through all of it",
+    "PASS macnat status names the network: 'macnat-hwsim'",
+    "PASS flap: the LAN host reaches vm1 again",
+    "PASS re-plug: macnat says wlan1 is gone",
+    "PASS re-plug: macnat status says waiting for wlan1",
+    "PASS re-plug: the LAN host reaches vm1 again, its binding kept",
+    "PASS re-plug: macnat re-attached the programs it holds",
+    "PASS roam: with a random MAC for that network",
+    "PASS roam: nl80211 told macnat of the connection to 'macnat-hwsim-2'",
+    "PASS roam: macnat saw the new network",
+    "PASS roam: the new LAN's host reaches vm1",
+    "PASS roam: the new LAN sees vm1 at the station's new MAC",
     "PASS nothing left on wlan1",
-    "PASS the station stayed associated throughout",
 )
 
 

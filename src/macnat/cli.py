@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 a MacnatError (one line on stderr saying what to do), 2
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -210,27 +209,42 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON")]
 
 
 @app.command()
-def table(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
+def table(
+    wifi: WifiOption = None,
+    as_json: JsonOption = False,
+    mac: Annotated[Optional[str], typer.Option(help="Only this VM MAC's bindings")] = None,
+    ip: Annotated[Optional[str], typer.Option(help="Only this address, or the addresses in this network (CIDR)")] = None,
+    family: Annotated[Optional[str], typer.Option(help="ipv4 or ipv6")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="learned or static")] = None,
+    by_vm: Annotated[bool, typer.Option("--by-vm", help="One row per VM: its addresses and traffic")] = False,
+) -> None:
     """The VMs' address bindings: IP, MAC, kind, last seen, packets and bytes."""
     from rich.table import Table
 
-    from macnat import constants
-    from macnat.manager.clock import monotonic_ns
-    from macnat.maps import ip_family, ip_str, mac_str
+    from macnat import tables
 
+    try:
+        keep = tables.RowFilter(mac=mac, ip=ip, family=family, kind=kind)
+    except ValueError as exc:
+        raise MacnatError(str(exc)) from None
     rows = []
-    now = monotonic_ns()
     for found in _attachments(wifi):
-        for key, b in found.maps.bindings.items():
-            rows.append({"ip": ip_str(key), "family": ip_family(key), "mac": mac_str(b.mac),
-                         "kind": "static" if b.flags & constants.BINDING_STATIC else "learned",
-                         "last_seen_s": round(max(0, now - b.last_seen_ns) / 1e9, 1), "wifi": found.wifi_name,
-                         "tx_packets": b.tx_packets, "tx_bytes": b.tx_bytes,
-                         "rx_packets": b.rx_packets, "rx_bytes": b.rx_bytes})
+        rows += tables.binding_rows(found.maps, found.wifi_name)
         found.close()
-    rows.sort(key=lambda r: (r["wifi"], r["family"], ipaddress.ip_address(r["ip"])))
+    rows = keep.keep(rows)
+    if by_vm:
+        vms = tables.by_vm(rows)
+        if as_json:
+            typer.echo(tables.json_lines(vms))
+            return
+        out = Table("MAC", "IPv4", "IPv6", "last seen", "to Wi-Fi pkts/bytes", "from Wi-Fi pkts/bytes", "Wi-Fi")
+        for vm in vms:
+            out.add_row(vm["mac"], "\n".join(vm["ipv4"]), "\n".join(vm["ipv6"]), f"{vm['last_seen_s']} s ago",
+                        f"{vm['tx_packets']}/{vm['tx_bytes']}", f"{vm['rx_packets']}/{vm['rx_bytes']}", vm["wifi"])
+        console().print(out)
+        return
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(tables.json_lines(rows))
         return
     out = Table("IP", "MAC", "kind", "last seen", "to Wi-Fi pkts/bytes", "from Wi-Fi pkts/bytes", "Wi-Fi")
     for r in rows:

@@ -472,7 +472,7 @@ def wait_slaac(vm: str) -> str:
     return _wait_address(vm, lambda info: info["prefixlen"] == 64, "SLAAC")
 
 
-def _wait_address(vm: str, wanted, kind: str, timeout: float = 10) -> str:
+def _wait_address(vm: str, wanted, kind: str, timeout: float = 20) -> str:
     """A global IPv6 address of the VM in the prefix of the network the laptop is on."""
     prefix = NETWORKS[current_knobs().network].prefix6
     deadline = time.monotonic() + timeout

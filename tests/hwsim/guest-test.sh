@@ -5,8 +5,9 @@
 #
 #   ns-ap:  hostapd on the AP radio, bridged into br-lan with dnsmasq (DHCPv4, RA, DHCPv6);
 #           ns-lan, a LAN host, hangs off br-lan
+#   ns-ap2: a second AP (another SSID, another subnet) with ns-lan2, for the laptop to roam to
 #   the VM's own namespace is the laptop: the station radio with wpa_supplicant and dhclient,
-#           vmbr0, and two "VMs": ns-vm1, ns-vm2 on veths in vmbr0, with isc dhclient
+#           vmbr0, and two "VMs": ns-vm1, ns-vm2 on veths in vmbr0, with isc dhclient, later dhcpcd
 #
 # MACNAT_PIP_ARGS: what `pip install` gets to install macnat (a wheelhouse, or a source tree).
 # MACNAT_LOG_DIR: where logs go (default /tmp/hwsim-logs).
@@ -18,8 +19,10 @@ RUN=/tmp/hwsim-run
 mkdir -p "$LOG" "$RUN"
 AP_NET=192.168.78 AP_NET6=fd78::
 LAN_HOST=$AP_NET.20 LAN_HOST6=${AP_NET6}20
+AP2_NET=192.168.79 AP2_NET6=fd79::
+LAN2_HOST=$AP2_NET.20
 VM_MACS=([1]=52:54:00:00:02:01 [2]=52:54:00:00:02:02)
-SSID=macnat-hwsim PSK=correct-horse-battery-staple
+SSID=macnat-hwsim SSID2=macnat-hwsim-2 PSK=correct-horse-battery-staple
 passed=0 failed=0 manager_pid=
 
 say() { printf '\n=== %s\n' "$*"; }
@@ -35,7 +38,8 @@ ping_ok() { in_ns "$1" ping -n -c 2 -i 0.3 -W 3 "$2" >/dev/null; }
 
 dump_logs() {
     say "logs for debugging"
-    for f in hostapd.log wpa_supplicant.log macnat.log dnsmasq.log dhclient.log checks.log; do
+    for f in hostapd.log hostapd2.log wpa_supplicant.log macnat.log dnsmasq.log dnsmasq2.log dhclient.log \
+             dhcpcd-vm1.log dhcpcd-vm2.log checks.log; do
         [ -s "$LOG/$f" ] && { echo "--- $f (last 40 lines)"; tail -n 40 "$LOG/$f"; }
     done
     echo "--- captures on the medium (hwsim0), first 40 frames"
@@ -79,44 +83,52 @@ dhcp() { # namespace-or-"-", interface, [-6]: prints the leased address
         awk -v want="$want" '$4 ~ want {print $4}' | cut -d/ -f1 | tail -n 1
 }
 
-say "mac80211_hwsim with 2 radios"
-modprobe mac80211_hwsim radios=2 || { fail "modprobe mac80211_hwsim"; exit 1; }
-wait_for 10 test -e /sys/class/ieee80211/phy1
-ap_phy=$(basename "$(readlink -f /sys/class/net/wlan0/phy80211)")
-pass "radios: $(ls /sys/class/ieee80211 | tr '\n' ' ')(AP on $ap_phy, station wlan1)"
+say "mac80211_hwsim with 3 radios"
+modprobe mac80211_hwsim radios=3 || { fail "modprobe mac80211_hwsim"; exit 1; }
+wait_for 10 test -e /sys/class/ieee80211/phy2
+phy_of() { basename "$(readlink -f "/sys/class/net/$1/phy80211")"; }
+ap_phy=$(phy_of wlan0) sta_phy=$(phy_of wlan1) ap2_phy=$(phy_of wlan2)
+pass "radios: $(ls /sys/class/ieee80211 | tr '\n' ' ')(APs on $ap_phy and $ap2_phy, station wlan1 on $sta_phy)"
 tcpdump -i hwsim0 -U -w "$LOG/medium.pcap" >/dev/null 2>&1 &
 
-say "the access point: hostapd (WPA2-PSK) bridged into br-lan, dnsmasq, a LAN host"
-for ns in ns-ap ns-lan ns-vm1 ns-vm2; do ip netns add $ns; in_ns $ns ip link set lo up; done
-iw phy "$ap_phy" set netns name ns-ap
-in_ns ns-ap ip link add br-lan type bridge
-in_ns ns-ap ip link add lan0 type veth peer name eth0 netns ns-lan
-in_ns ns-ap ip link set lan0 master br-lan up
-in_ns ns-ap ip addr add $AP_NET.1/24 dev br-lan
-in_ns ns-ap ip -6 addr add ${AP_NET6}1/64 dev br-lan nodad
-in_ns ns-ap ip link set br-lan up
-in_ns ns-lan ip addr add $LAN_HOST/24 dev eth0
-in_ns ns-lan ip -6 addr add $LAN_HOST6/64 dev eth0 nodad
-in_ns ns-lan ip link set eth0 up
-in_ns ns-lan ip route add default via $AP_NET.1
-cat >"$RUN/hostapd.conf" <<EOF
-interface=wlan0
+start_ap() { # suffix ("" or 2), phy, its interface, net, net6, SSID, channel: hostapd bridged into a LAN
+    local n=$1 phy=$2 ifc=$3 net=$4 net6=$5 ssid=$6 channel=$7
+    iw phy "$phy" set netns name "ns-ap$n"
+    in_ns "ns-ap$n" ip link add br-lan type bridge
+    in_ns "ns-ap$n" ip link add lan0 type veth peer name eth0 netns "ns-lan$n"
+    in_ns "ns-ap$n" ip link set lan0 master br-lan up
+    in_ns "ns-ap$n" ip addr add "$net.1/24" dev br-lan
+    in_ns "ns-ap$n" ip -6 addr add "${net6}1/64" dev br-lan nodad
+    in_ns "ns-ap$n" ip link set br-lan up
+    in_ns "ns-lan$n" ip addr add "$net.20/24" dev eth0
+    in_ns "ns-lan$n" ip -6 addr add "${net6}20/64" dev eth0 nodad
+    in_ns "ns-lan$n" ip link set eth0 up
+    in_ns "ns-lan$n" ip route add default via "$net.1"
+    cat >"$RUN/hostapd$n.conf" <<EOF
+interface=$ifc
 bridge=br-lan
 driver=nl80211
-ssid=$SSID
+ssid=$ssid
 hw_mode=g
-channel=1
+channel=$channel
 wpa=2
 wpa_passphrase=$PSK
 wpa_key_mgmt=WPA-PSK
 rsn_pairwise=CCMP
 EOF
-in_ns ns-ap hostapd -B -dd -t -f "$LOG/hostapd.log" -P "$RUN/hostapd.pid" "$RUN/hostapd.conf"
-in_ns ns-ap tcpdump -i br-lan -U -w "$LOG/lan.pcap" >/dev/null 2>&1 &
-in_ns ns-ap dnsmasq --conf-file=/dev/null --port=0 --interface=br-lan --bind-interfaces --no-ping \
-    --dhcp-authoritative --dhcp-range=$AP_NET.100,$AP_NET.199,255.255.255.0,1h \
-    --dhcp-option=option:router,$AP_NET.1 --enable-ra --dhcp-range=${AP_NET6}100,${AP_NET6}1ff,slaac,64,1h \
-    --dhcp-leasefile="$RUN/dnsmasq.leases" --log-dhcp --log-facility="$LOG/dnsmasq.log" --pid-file="$RUN/dnsmasq.pid"
+    in_ns "ns-ap$n" hostapd -B -dd -t -f "$LOG/hostapd$n.log" -P "$RUN/hostapd$n.pid" "$RUN/hostapd$n.conf"
+    in_ns "ns-ap$n" tcpdump -i br-lan -U -w "$LOG/lan$n.pcap" >/dev/null 2>&1 &
+    in_ns "ns-ap$n" dnsmasq --conf-file=/dev/null --port=0 --interface=br-lan --bind-interfaces --no-ping \
+        --dhcp-authoritative --dhcp-range="$net.100,$net.199,255.255.255.0,1h" \
+        --dhcp-option="option:router,$net.1" --enable-ra --dhcp-range="${net6}100,${net6}1ff,slaac,64,1h" \
+        --dhcp-leasefile="$RUN/dnsmasq$n.leases" --log-dhcp --log-facility="$LOG/dnsmasq$n.log" \
+        --pid-file="$RUN/dnsmasq$n.pid"
+}
+
+say "two access points: hostapd (WPA2-PSK) bridged into a LAN each, dnsmasq, a LAN host each"
+for ns in ns-ap ns-lan ns-ap2 ns-lan2 ns-vm1 ns-vm2; do ip netns add $ns; in_ns $ns ip link set lo up; done
+start_ap "" "$ap_phy" wlan0 $AP_NET $AP_NET6 $SSID 1
+start_ap 2 "$ap2_phy" wlan2 $AP2_NET $AP2_NET6 $SSID2 11
 
 say "the laptop: the station radio with wpa_supplicant, vmbr0 and two VMs"
 cat >"$RUN/wpa.conf" <<EOF
@@ -168,7 +180,7 @@ check "pip install macnat into a fresh venv" test -x /tmp/macnat-venv/bin/macnat
 macnat=/tmp/macnat-venv/bin/macnat
 $macnat attach wlan1 vmbr0 >"$LOG/macnat.log" 2>&1 &
 manager_pid=$!
-check "macnat attached and managing (bcc compile inside the VM)" wait_for 120 grep -q managing "$LOG/macnat.log"
+check "macnat attached and managing (bcc compile inside the VM)" wait_for 120 grep -q "managing wlan1 <-> vmbr0" "$LOG/macnat.log"
 # The VMs boot now, with macnat in place, as they would under a macnat service: their first router
 # solicitations and DHCP requests go through it.
 for i in 1 2; do in_ns ns-vm$i ip link set eth0 up; done
@@ -205,7 +217,77 @@ check "ping6 LAN host -> vm1 ($vm1_slaac)" ping_ok ns-lan "$vm1_slaac"
 check "ping6 vm2 -> LAN host" ping_ok ns-vm2 $LAN_HOST6
 check "ping6 LAN host -> vm2 ($vm2_dhcp6)" ping_ok ns-lan "$vm2_dhcp6"
 
-say "4. detach, and the station throughout"
+check "the station stayed associated through all of it: one association in hostapd's log" \
+    test "$(grep -c "AP-STA-CONNECTED $sta_mac" "$LOG/hostapd.log")" = 1
+check "macnat status names the network: '$SSID'" sh -c "$macnat status | grep -q \"on '$SSID'\""
+
+say "4. the laptop's day: the Wi-Fi flaps, is re-plugged, roams to another network with another MAC"
+# From here on the VMs run dhcpcd, which asks for a lease again whenever its carrier comes back, as
+# a guest's network manager does; its state stays private to each VM (a mount namespace of its own).
+printf 'ipv4only\nnoipv4ll\noption subnet_mask, routers\n' >"$RUN/dhcpcd.conf"
+for i in 1 2; do
+    kill "$(cat "$RUN/dhclient-ns-vm$i-eth0.pid")" 2>/dev/null
+    in_ns ns-vm$i ip -4 addr flush dev eth0
+    in_ns ns-vm$i unshare --mount --propagation private sh -c "mount -t tmpfs none /run && \
+        mount -t tmpfs none /var/lib/dhcpcd && exec dhcpcd -B -f $RUN/dhcpcd.conf -c /bin/true eth0" \
+        >"$LOG/dhcpcd-vm$i.log" 2>&1 &
+done
+vm_addr() { in_ns "ns-vm$1" ip -o -4 addr show dev eth0 | awk -v net="$2." 'index($4, net) == 1 {print $4}' | cut -d/ -f1; }
+check "both VMs leased again by dhcpcd" wait_for 30 sh -c "[ -n \"\$(ip netns exec ns-vm1 ip -4 -o addr show dev eth0)\" ] && [ -n \"\$(ip netns exec ns-vm2 ip -4 -o addr show dev eth0)\" ]"
+vm1=$(vm_addr 1 $AP_NET)
+laptop_dhcp() { # the laptop's own address on the network it is on now, as its network manager gets it
+    kill "$(cat "$RUN/dhclient---wlan1.pid" 2>/dev/null)" 2>/dev/null
+    ip -4 addr flush dev wlan1
+    laptop_ip=$(dhcp - wlan1)
+}
+reachable_after() { # seconds, namespace, address: prints how long until a ping got through
+    local start=$SECONDS
+    wait_for "$1" in_ns "$2" ping -n -c 1 -W 1 "$3" && echo $((SECONDS - start))
+}
+
+ip link set wlan1 down
+sleep 1
+ip link set wlan1 up
+check "flap: wlan1 down and up, associated again" wait_for 60 associated
+ip route replace default via $AP_NET.1 dev wlan1  # what the laptop's network manager restores
+took=$(reachable_after 30 ns-lan "$vm1")
+check "flap: the LAN host reaches vm1 again (${took:-never} s after the association)" test -n "$took"
+
+kill "$(cat "$RUN/wpa.pid")"; kill "$(cat "$RUN/dhclient---wlan1.pid" 2>/dev/null)" 2>/dev/null; sleep 0.5
+old_index=$(cat /sys/class/net/wlan1/ifindex)
+iw dev wlan1 del
+check "re-plug: macnat says wlan1 is gone" wait_for 10 grep -q "wlan1 is gone" "$LOG/macnat.log"
+check "re-plug: macnat status says waiting for wlan1" sh -c "$macnat status | grep -q 'waiting for wlan1'"
+iw phy "$sta_phy" interface add wlan1 type managed
+wpa_supplicant -B -i wlan1 -c "$RUN/wpa.conf" -dd -t -f "$LOG/wpa_supplicant.log" -P "$RUN/wpa.pid"
+check "re-plug: a new wlan1 (ifindex $(cat /sys/class/net/wlan1/ifindex), was $old_index), associated" wait_for 60 associated
+laptop_dhcp
+took=$(reachable_after 30 ns-lan "$vm1")
+check "re-plug: the LAN host reaches vm1 again, its binding kept (${took:-never} s after the lease)" test -n "$took"
+check "re-plug: macnat re-attached the programs it holds" grep -q "wlan1 is back (ifindex .*re-attached" "$LOG/macnat.log"
+
+id=$(wpa_cli -i wlan1 add_network | tail -n 1)
+for setting in "ssid \"$SSID2\"" "psk \"$PSK\"" "key_mgmt WPA-PSK" "mac_addr 1"; do
+    # shellcheck disable=SC2086
+    wpa_cli -i wlan1 set_network "$id" $setting >>"$LOG/checks.log"
+done
+wpa_cli -i wlan1 select_network "$id" >>"$LOG/checks.log"
+on_ap2() { wpa_cli -i wlan1 status 2>/dev/null | grep -q "^ssid=$SSID2\$" && associated; }
+check "roam: associated with $SSID2" wait_for 60 on_ap2
+new_mac=$(cat /sys/class/net/wlan1/address)
+check "roam: with a random MAC for that network ($new_mac, was $sta_mac)" test "$new_mac" != "$sta_mac"
+laptop_dhcp
+check "roam: the laptop leased $laptop_ip on the new network" sh -c "case '$laptop_ip' in $AP2_NET.*) ;; *) exit 1 ;; esac"
+check "roam: nl80211 told macnat of the connection to '$SSID2'" wait_for 10 grep -q "wlan1 connected to '$SSID2'" "$LOG/macnat.log"
+check "roam: macnat saw the new network" wait_for 15 grep -q "new network: '$SSID2' $AP2_NET.0/24" "$LOG/macnat.log"
+check "roam: vm1 leased on the new network" wait_for 40 sh -c "[ -n \"\$(ip netns exec ns-vm1 ip -4 -o addr show dev eth0 | grep ' $AP2_NET\.')\" ]"
+vm1=$(vm_addr 1 $AP2_NET)
+took=$(reachable_after 30 ns-lan2 "$vm1")
+check "roam: the new LAN's host reaches vm1 at $vm1 (${took:-never} s after vm1's lease)" test -n "$took"
+check "roam: the new LAN sees vm1 at the station's new MAC" sh -c "ip netns exec ns-lan2 ip neigh show $vm1 | grep -q 'lladdr $new_mac'"
+check "roam: vm1 reaches the new LAN's host" ping_ok ns-vm1 $LAN2_HOST
+
+say "5. detach"
 kill "$manager_pid"
 wait "$manager_pid"
 status=$?
@@ -214,7 +296,5 @@ check "SIGTERM: the manager detached (exit $status)" test "$status" = 0
 check "nothing left on wlan1 (no filters, no clsact) and no uplink" sh -c \
     '[ -z "$(tc filter show dev wlan1 ingress)$(tc filter show dev wlan1 egress)" ] &&
      ! tc qdisc show dev wlan1 | grep -q clsact && ! ip -o link | grep -qE " (vethmn|mnpeer)"'
-check "the station stayed associated throughout: one association in hostapd's log" \
-    test "$(grep -c "AP-STA-CONNECTED $sta_mac" "$LOG/hostapd.log")" = 1
-check "  ... and still COMPLETED" associated
+check "  ... and the station still COMPLETED" associated
 exit $((failed > 0))

@@ -5,7 +5,8 @@
 3. throughput and latency in the lab for five setups, interleaved round by round;
 4. learning: a new VM address's first packets;
 5. the cost of running it: attach, resident memory, detach;
-6. recovery from the laptop's Wi-Fi events: flap, re-plug, roam.
+6. recovery from the laptop's Wi-Fi events: flap, re-plug, roam;
+7. the manager at scale: CPU, memory, a sweep, `table` and `stats` with 10 to 65,536 bindings.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macnat import lab
-from macnat.bench import datapath, recovery, report, setups, traffic
+from macnat.bench import datapath, manager_scale, recovery, report, setups, traffic
 
 # Targets of issue #6, checked in the report.
 TARGET_FAST_PATH_RATIO = 4.0
@@ -37,6 +38,9 @@ TARGET_ATTACH_S = 2.0
 TARGET_RSS_MB = 40.0
 TARGET_DETACH_S = 0.5
 TARGET_RECOVERY_S = 2.0   # issue #9: VMs reachable again within 2 s of the Wi-Fi being associated and up
+TARGET_MANAGER_CPU_FULL = 1.0    # issue #14: % of one core, steady, with every table full
+TARGET_MANAGER_CPU_SMALL = 0.1   # ... with 10 bindings (a laptop on battery)
+TARGET_COMMAND_S = 1.0           # `macnat table --json` and `stats` at full tables
 
 METRICS = ("tcp_up", "tcp_down", "udp_up", "udp_down", "rtt_p50", "rtt_p99")
 HIGHER_IS_BETTER = {"tcp_up": True, "tcp_down": True, "udp_up": True, "udp_down": True,
@@ -54,12 +58,13 @@ class Plan:
     fresh_addresses: int
     attaches: int
     recovery_rounds: int
+    manager_seconds: int     # how long the manager is watched at each table size
 
     @classmethod
     def make(cls, quick: bool, rounds: int | None) -> Plan:
         if quick:
-            return cls(True, rounds or 1, 1, 30, 10_000, 1, 3, 1, 1)
-        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5)
+            return cls(True, rounds or 1, 1, 30, 10_000, 1, 3, 1, 1, 5)
+        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5, 60)
 
 
 def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
@@ -219,6 +224,8 @@ def run(quick: bool, rounds: int | None, output: Path, say=print) -> Path:
             results["running"] = running_cost(plan, workdir)
             say(f"6. recovery from Wi-Fi events, {plan.recovery_rounds} round(s) ...")
             results["recovery"] = recovery.measure(plan.recovery_rounds, workdir)
+            say(f"7. the manager at scale, {plan.manager_seconds} s at each of {len(manager_scale.SIZES)} table sizes ...")
+            results["manager"] = manager_scale.measure(plan.manager_seconds, workdir)
         finally:
             lab.down()
     return report.write(results, output)

@@ -26,6 +26,7 @@ from macnat.manager import events
 
 log = logging.getLogger("macnat")
 RT_TABLE_MAIN = 254
+NETLINK_GENERIC = 16   # linux/netlink.h; Python's socket module names only some protocols
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 RECEIVE_BUFFER = 4 << 20   # bursts (a bridge re-created with many ports) must not overflow it
@@ -108,7 +109,7 @@ class Nl80211(NetlinkSource):
         with NL80211() as resolver:  # the family's and the group's numbers
             resolver.bind()
             self.family, group = resolver.prid, resolver.mcast_groups["mlme"]
-        super().__init__(socket.NETLINK_GENERIC)
+        super().__init__(NETLINK_GENERIC)
         self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
 
     @classmethod

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 from macnat import constants, frames, netlink
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties import Periodic
-from macnat.maps import Binding, ip_str, mac_str
+from macnat.maps import Binding, IpAddr, MacAddr, MacSeen, ip_str, mac_str
 
 log = logging.getLogger("macnat")
 PROBES = 3   # unicast probes an idle binding gets before it expires
@@ -36,6 +37,7 @@ class Ageing(Periodic):
     def handle(self, event_, state) -> None:
         if isinstance(event_, (events.Started, events.Reloaded)):
             self.interval = self.probe_interval(state)
+            self.next_at = time.monotonic()  # the age may have changed: judge every binding again
 
     @staticmethod
     def probe_interval(state) -> float:
@@ -50,38 +52,40 @@ class Ageing(Periodic):
             self.grace_until = now + state.settings.age
         expire = now >= self.grace_until
         now_ns = monotonic_ns()
-        age_ns = state.settings.age * 1e9
-        probe_from_ns = age_ns - PROBES * self.interval * 1e9
+        age_ns = int(state.settings.age * 1e9)
+        probe_from_ns = age_ns - int(PROBES * self.interval * 1e9)
+        table = state.maps.bindings.snapshot()
+        flags, seen = table.field("flags", Binding), table.field("last_seen_ns", Binding)
+        macs = table.field("mac", Binding)
+        learned = [i for i, f in enumerate(flags) if not f & constants.BINDING_STATIC]
+        idle = {i: ip_str(IpAddr.from_buffer_copy(table.key(i))) for i in learned if now_ns - seen[i] >= probe_from_ns}
         source = None  # read once a sweep, when a probe is due
-        expired, bound_macs, total = [], set(), 0
-        for key, binding in state.maps.bindings.items():
-            total += 1
-            if binding.flags & constants.BINDING_STATIC:
-                bound_macs.add(bytes(binding.mac))
-                continue
-            ip = ip_str(key)
-            idle_ns = now_ns - binding.last_seen_ns
+        expired: dict[int, str] = {}
+        for i, ip in idle.items():
+            idle_ns = now_ns - seen[i]
             if expire and idle_ns >= age_ns:
-                state.maps.bindings.delete(key)
-                self.probed_at.pop(ip, None)
-                expired.append(ip)
-                event("expired", f"expired {ip} at {mac_str(binding.mac)}: silent for {idle_ns / 1e9:.0f} s",
-                      ip=ip, mac=mac_str(binding.mac), idle_s=round(idle_ns / 1e9))
-                continue
-            bound_macs.add(bytes(binding.mac))
-            if idle_ns >= probe_from_ns:
-                if self.probe_due(ip, now):
-                    source = source or self.probe_source(state)
-                    self.probe(state, ip, binding, source, now)
-            else:
-                self.probed_at.pop(ip, None)
-        state.bindings, state.vms = total - len(expired), len(bound_macs)
+                state.maps.bindings.delete(IpAddr.from_buffer_copy(table.key(i)))
+                expired[i] = ip
+                event("expired", f"expired {ip} at {mac_str(macs[i])}: silent for {idle_ns / 1e9:.0f} s",
+                      ip=ip, mac=mac_str(macs[i]), idle_s=round(idle_ns / 1e9))
+            elif self.probe_due(ip, now):
+                source = source or self.probe_source(state)
+                self.probe(state, ip, macs[i], source, now)
+        waiting = set(idle.values()) - set(expired.values())   # probed and not answered yet
+        self.probed_at = {ip: t for ip, t in self.probed_at.items() if ip in waiting}
+        bound = {macs[i] for i in range(table.count) if i not in expired}
+        state.bindings, state.vms = table.count - len(expired), len(bound)
         if expired:
-            state.post(events.BindingsExpired(tuple(expired)))
+            state.post(events.BindingsExpired(tuple(expired.values())))
         if expire:
-            for key, seen in state.maps.vm_macs.items():
-                if bytes(key.addr) not in bound_macs and now_ns - seen.last_seen_ns >= age_ns:
-                    state.maps.vm_macs.delete(key)
+            vm_macs = state.maps.vm_macs.snapshot()
+            for key, last in zip(vm_macs.key_list(), vm_macs.field("last_seen_ns", MacSeen)):
+                if key not in bound and now_ns - last >= age_ns:
+                    state.maps.vm_macs.delete(MacAddr.from_buffer_copy(key))
+        if learned and not idle:
+            # Nothing can become idle before its last sighting allows: no sweep until the first one may.
+            first_idle_ns = min(seen[i] for i in learned) + probe_from_ns
+            self.next_at = max(self.next_at, now + (first_idle_ns - now_ns) / 1e9)
 
     def probe_due(self, ip: str, now: float) -> bool:
         last = self.probed_at.get(ip)
@@ -96,10 +100,9 @@ class Ageing(Periodic):
         return (bytes(state.maps.current_config().wifi_mac), socket.inet_aton(ipv4),
                 socket.inet_pton(socket.AF_INET6, ipv6) if ipv6 else None)
 
-    def probe(self, state, ip: str, binding: Binding, source, now: float) -> None:
+    def probe(self, state, ip: str, vm_mac: bytes, source, now: float) -> None:
         """Ask an idle VM whether it still has `ip`: its answer refreshes the binding in the datapath."""
         mac, ipv4, ipv6 = source
-        vm_mac = bytes(binding.mac)
         if ":" in ip:
             if ipv6 is None:
                 log.debug("cannot probe %s: %s has no IPv6 link-local address", ip, state.wifi_name)
@@ -112,7 +115,7 @@ class Ageing(Periodic):
         except OSError as exc:
             log.warning("could not probe %s: %s", ip, exc)
         self.probed_at[ip] = now
-        log.debug("probing idle %s at %s", ip, mac_str(binding.mac))
+        log.debug("probing idle %s at %s", ip, mac_str(vm_mac))
 
     def bridge_socket(self, state) -> socket.socket:
         """A packet socket into the bridge (opened again when the bridge is re-created)."""

@@ -10,15 +10,16 @@ from macnat import constants
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.duties import Periodic
-from macnat.maps import ip_str, mac_str
+from macnat.maps import Binding, IpAddr, ip_key, ip_str, mac_str
 
 WATCHED_COUNTERS = ("learned_ip", "moved_ip", "dad_conflict")
+ADOPTED_SHOWN = 20   # bindings named in the "adopted" line; a full table would be 65,536
 
 
 class BindingsLog(Periodic):
     def __init__(self):
         super().__init__(interval=1.0)
-        self.known: dict[str, str] | None = None   # address -> MAC as last logged; None until read once
+        self.known: dict[bytes, bytes] | None = None   # key -> MAC as last logged; None until read once
         self.counts: tuple[int, ...] | None = None
 
     def handle(self, event_, state) -> None:
@@ -26,7 +27,7 @@ class BindingsLog(Periodic):
             self.run(0.0, state)  # before the statics go in: what is there now was left by an earlier manager
         elif isinstance(event_, events.BindingsExpired) and self.known is not None:
             for ip in event_.addresses:
-                self.known.pop(ip, None)
+                self.known.pop(bytes(ip_key(ip)), None)
         elif isinstance(event_, events.NetworkChanged):
             self.counts = None  # read again: the table was flushed
 
@@ -35,19 +36,26 @@ class BindingsLog(Periodic):
         if counts == self.counts:
             return
         self.counts = counts
-        table = list(state.maps.bindings.items())
-        state.bindings, state.vms = len(table), len({bytes(v.mac) for _, v in table})
+        table = state.maps.bindings.snapshot()
+        macs, flags = table.field("mac", Binding), table.field("flags", Binding)
+        state.bindings, state.vms = table.count, len(set(macs))
         # static bindings are the settings' (the statics duty logs them), not learned
-        current = {ip_str(k): mac_str(v.mac) for k, v in table if not v.flags & constants.BINDING_STATIC}
+        current = {key: mac for key, mac, f in zip(table.key_list(), macs, flags) if not f & constants.BINDING_STATIC}
         if self.known is None:  # at start: what an earlier manager left is adopted, not learned
             if current:
-                event("adopted", f"adopted {len(current)} bindings: "
-                      + ", ".join(f"{ip} at {mac}" for ip, mac in sorted(current.items())), count=len(current))
+                listed = sorted((ip_str(IpAddr.from_buffer_copy(k)), mac_str(m)) for k, m in current.items())
+                shown = ", ".join(f"{ip} at {mac}" for ip, mac in listed[:ADOPTED_SHOWN])
+                more = f" and {len(listed) - ADOPTED_SHOWN} more" if len(listed) > ADOPTED_SHOWN else ""
+                event("adopted", f"adopted {len(current)} bindings: {shown}{more}", count=len(current))
         else:
-            for ip, mac in current.items():
-                old = self.known.get(ip)
+            for key, mac in current.items():
+                old = self.known.get(key)
+                if old == mac:
+                    continue
+                ip = ip_str(IpAddr.from_buffer_copy(key))
                 if old is None:
-                    event("learned", f"learned {ip} at {mac}", ip=ip, mac=mac)
-                elif old != mac:
-                    event("moved", f"{ip} moved from {old} to {mac}", ip=ip, mac=mac, old_mac=old)
+                    event("learned", f"learned {ip} at {mac_str(mac)}", ip=ip, mac=mac_str(mac))
+                else:
+                    event("moved", f"{ip} moved from {mac_str(old)} to {mac_str(mac)}", ip=ip, mac=mac_str(mac),
+                          old_mac=mac_str(old))
         self.known = current

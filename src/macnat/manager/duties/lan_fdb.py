@@ -11,24 +11,24 @@ from macnat import netlink
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties import Periodic
-from macnat.maps import mac_str
+from macnat.maps import MacAddr, MacSeen, mac_bytes, mac_str
 
 
 class LanFdb(Periodic):
     def __init__(self):
         super().__init__(interval=1.0)
-        self.installed: set[str] = set()
+        self.installed: set[bytes] = set()   # LAN MACs with an FDB entry on the uplink
 
     def handle(self, event, state) -> None:
         if isinstance(event, events.Started) and state.uplink:
             wifi_mac = mac_str(state.maps.current_config().wifi_mac)
-            self.installed = netlink.fdb_static_macs(state.ipr, state.uplink.index) - {wifi_mac}
+            self.installed = {bytes(mac_bytes(m)) for m in netlink.fdb_static_macs(state.ipr, state.uplink.index) - {wifi_mac}}
         elif isinstance(event, events.UplinkReady):
             for mac in self.installed:
-                netlink.fdb_set(state.ipr, event.uplink.index, mac)
+                netlink.fdb_set(state.ipr, event.uplink.index, mac_str(mac))
         elif isinstance(event, events.NetworkChanged) and state.uplink:
             for mac in self.installed:
-                netlink.fdb_del(state.ipr, state.uplink.index, mac)
+                netlink.fdb_del(state.ipr, state.uplink.index, mac_str(mac))
             self.installed = set()
 
     def run(self, now: float, state) -> None:
@@ -36,15 +36,16 @@ class LanFdb(Periodic):
             return
         age_ns = state.settings.age * 1e9
         now_ns = monotonic_ns()
+        table = state.maps.lan_macs.snapshot()
         live = set()
-        for key, seen in state.maps.lan_macs.items():
-            if now_ns - seen.last_seen_ns >= age_ns:
-                state.maps.lan_macs.delete(key)
+        for key, seen in zip(table.key_list(), table.field("last_seen_ns", MacSeen)):
+            if now_ns - seen >= age_ns:
+                state.maps.lan_macs.delete(MacAddr.from_buffer_copy(key))
             else:
-                live.add(mac_str(key.addr))
+                live.add(key)
         port = state.uplink.index
         for mac in live - self.installed:
-            netlink.fdb_set(state.ipr, port, mac)
+            netlink.fdb_set(state.ipr, port, mac_str(mac))
         for mac in self.installed - live:
-            netlink.fdb_del(state.ipr, port, mac)
+            netlink.fdb_del(state.ipr, port, mac_str(mac))
         self.installed = live
