@@ -193,10 +193,15 @@ def test_json_log_lines_carry_the_events(tmp_path):
     try:
         ip = lab.dhcp("vm1")
         assert wait_for(lambda: f'"ip": "{ip}"' in manager.text(), timeout=5)
+        lab.replug()
+        assert wait_for(lambda: '"event": "wifi_attached"' in manager.text(), timeout=5)
     finally:
         manager.stop()
         lab.down()
     entries = [json.loads(line) for line in manager.text().splitlines()]
+    gone = next(e for e in entries if e.get("event") == "wifi_gone")
+    back = next(e for e in entries if e.get("event") == "wifi_attached")
+    assert gone["level"] == "warning" and back["again"] is True and back["wifi"] == "wlan0"
     assert {"time", "level", "message"} <= set(entries[0])
     learned = next(e for e in entries if e.get("event") == "learned" and e["ip"] == ip)
     assert learned == {**learned, "level": "info", "mac": VM1.mac, "message": f"learned {ip} at {VM1.mac}"}

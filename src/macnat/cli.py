@@ -275,6 +275,31 @@ def stats(wifi: WifiOption = None, as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def watch(
+    wifi: WifiOption = None,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 1.0,
+) -> None:
+    """A live view: the network, each VM's addresses and rates each way, the counters that moved (q quits)."""
+    from pyroute2 import IPRoute
+    from rich.console import Console
+
+    from macnat import attachment, watch as live
+
+    require_root()
+    if interval <= 0:
+        raise MacnatError("--interval must be positive")
+
+    def find():
+        with IPRoute() as ipr:
+            if wifi:
+                found = attachment.find(ipr, wifi)
+                return [found] if found else []
+            return attachment.find_all(ipr)
+
+    live.run(find, interval, Console())
+
+
+@app.command()
 def status(as_json: JsonOption = False) -> None:
     """What is attached where, and whether a manager runs for it."""
     from pyroute2 import IPRoute

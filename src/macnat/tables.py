@@ -14,11 +14,20 @@ from dataclasses import dataclass
 
 from macnat import constants
 from macnat.manager.clock import monotonic_ns
-from macnat.maps import IPV4_MAPPED_PREFIX, Binding, Maps, mac_str
+from macnat.maps import IPV4_MAPPED_PREFIX, Binding, Maps, Snapshot, mac_str
 
 COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")
 FAMILIES = ("ipv4", "ipv6")
 KINDS = ("learned", "static")
+
+
+def binding_counts(table: Snapshot) -> dict[tuple[str, str], int]:
+    """(family, kind) -> how many bindings, from a snapshot of the bindings table."""
+    counts = {(family, kind): 0 for family in FAMILIES for kind in KINDS}
+    for key, flags in zip(table.key_list(), table.field("flags", Binding)):
+        family = "ipv4" if key[:12] == IPV4_MAPPED_PREFIX else "ipv6"
+        counts[family, "static" if flags & constants.BINDING_STATIC else "learned"] += 1
+    return counts
 
 
 def binding_rows(maps: Maps, wifi: str) -> list[dict]:

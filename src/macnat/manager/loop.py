@@ -12,6 +12,7 @@ import select
 import time
 
 from macnat import config
+from macnat.logs import event
 from macnat.manager import events
 
 log = logging.getLogger("macnat")
@@ -50,8 +51,9 @@ class Loop:
             log.error("reload failed, keeping the running settings: %s", exc)
             return None
         changes = previous.settings.changes(self.state.resolved.settings)
-        log.info("reloaded %s: %s", previous.path,
-                 ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()) or "nothing changed")
+        event("reloaded", f"reloaded {previous.path}: "
+              + (", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()) or "nothing changed"),
+              file=str(previous.path), changed=sorted(changes))
         return events.Reloaded(previous.settings, self.state.resolved.settings)
 
     def run_timers(self) -> None:
@@ -81,7 +83,7 @@ class Loop:
                 break
             ready, _, _ = select.select(list(self.sources), [], [], self.timeout())
             for fd in ready:
-                for event in self.sources[fd].read():
-                    self.dispatch(event)
+                for incoming in self.sources[fd].read():
+                    self.dispatch(incoming)
                     if self.state.stopping:
                         break

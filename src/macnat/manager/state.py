@@ -42,8 +42,10 @@ class State:
     association: Association = field(default_factory=Association)
     network: object | None = None   # the current network (macnat.manager.duties.network_change.Network)
     host_addresses: dict[str, str] = field(default_factory=dict)  # this host's addresses -> interface
-    bindings: int = 0               # table sizes as of the last sweep, for status lines
+    bindings: int = 0               # table sizes as of the last sweep, for status lines and metrics
     vms: int = 0
+    binding_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (family, kind) -> bindings
+    lan_macs: int = 0
     started_monotonic: float = field(default_factory=time.monotonic)
     stopping: bool = False
     exit_code: int = 0

@@ -47,7 +47,7 @@ class Periodic(Duty):
 
 def all_duties() -> list[Duty]:
     """Every duty, in the order each event reaches them (the plumbing first: the others need its links)."""
-    from macnat.manager.duties import (ageing, bindings_log, host_addresses, lan_fdb, network_change, notify,
+    from macnat.manager.duties import (ageing, bindings_log, host_addresses, lan_fdb, metrics, network_change, notify,
                                        plumbing, refusals, statics, status_file, wifi_identity)
 
     return [
@@ -61,5 +61,6 @@ def all_duties() -> list[Duty]:
         ageing.Ageing(),
         refusals.Refusals(),
         status_file.StatusFile(),
+        metrics.Metrics(),
         notify.Notify(),
     ]

@@ -18,6 +18,7 @@ from macnat import constants, frames, netlink
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
+from macnat.tables import binding_counts
 from macnat.manager.duties import Periodic
 from macnat.maps import Binding, IpAddr, MacAddr, MacSeen, ip_str, mac_str
 
@@ -75,6 +76,7 @@ class Ageing(Periodic):
         self.probed_at = {ip: t for ip, t in self.probed_at.items() if ip in waiting}
         bound = {macs[i] for i in range(table.count) if i not in expired}
         state.bindings, state.vms = table.count - len(expired), len(bound)
+        state.binding_counts = binding_counts(table)
         if expired:
             state.post(events.BindingsExpired(tuple(expired.values())))
         if expire:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from macnat import constants
 from macnat.logs import event
 from macnat.manager import events
+from macnat.tables import binding_counts
 from macnat.manager.duties import Periodic
 from macnat.maps import Binding, IpAddr, ip_key, ip_str, mac_str
 
@@ -39,6 +40,7 @@ class BindingsLog(Periodic):
         table = state.maps.bindings.snapshot()
         macs, flags = table.field("mac", Binding), table.field("flags", Binding)
         state.bindings, state.vms = table.count, len(set(macs))
+        state.binding_counts = binding_counts(table)
         # static bindings are the settings' (the statics duty logs them), not learned
         current = {key: mac for key, mac, f in zip(table.key_list(), macs, flags) if not f & constants.BINDING_STATIC}
         if self.known is None:  # at start: what an earlier manager left is adopted, not learned

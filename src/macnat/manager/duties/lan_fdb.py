@@ -49,3 +49,4 @@ class LanFdb(Periodic):
         for mac in self.installed - live:
             netlink.fdb_del(state.ipr, port, mac_str(mac))
         self.installed = live
+        state.lan_macs = len(live)

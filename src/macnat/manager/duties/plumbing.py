@@ -15,6 +15,7 @@ import time
 
 from macnat import constants, loader, netlink, plumbing
 from macnat.errors import MacnatError
+from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.duties import Duty
 from macnat.maps import mac_str
@@ -89,8 +90,9 @@ class Plumbing(Duty):
             plumbing.update_config(maps, wifi_ifindex=wifi.index, wifi_mac=wifi.mac, flags=flags)
             if state.uplink:
                 self.move_wifi_fdb(state, old_mac, wifi.mac)
-            log.info("%s is %s (ifindex %d, MAC %s): %s", wifi.name, "back" if again else "here", wifi.index, wifi.mac,
-                     "re-attached; the VMs' bindings are kept" if again else "attached")
+            event("wifi_attached", f"{wifi.name} is {'back' if again else 'here'} (ifindex {wifi.index}, MAC {wifi.mac}): "
+                  + ("re-attached; the VMs' bindings are kept" if again else "attached"),
+                  wifi=wifi.name, ifindex=wifi.index, mac=wifi.mac, again=again)
             state.wifi = wifi
             self.attached_once = True
             state.post(events.WifiAttached(wifi, again))
@@ -100,7 +102,8 @@ class Plumbing(Duty):
             plumbing.update_config(maps, wifi_mac=wifi.mac)
             if state.uplink:
                 self.move_wifi_fdb(state, old_mac, wifi.mac)
-            log.info("%s changed its MAC from %s to %s: VM frames now leave with the new one", wifi.name, old_mac, wifi.mac)
+            event("wifi_mac_changed", f"{wifi.name} changed its MAC from {old_mac} to {wifi.mac}: VM frames now leave "
+                  "with the new one", wifi=wifi.name, old_mac=old_mac, mac=wifi.mac)
             state.post(events.WifiMacChanged(old_mac, wifi.mac))
         state.wifi = wifi
         self.attached_once = True
@@ -112,8 +115,8 @@ class Plumbing(Duty):
             plumbing.detach_wifi(state.ipr, previous.index, bool(config.flags & constants.CFG_CREATED_CLSACT))
         plumbing.update_config(state.maps, wifi_ifindex=0, flags=config.flags & ~constants.CFG_CREATED_CLSACT)
         how = f"renamed to {previous.name}" if previous is not None else "gone"
-        log.warning("%s is %s: the VMs cannot reach the LAN until it is back; their bindings are kept",
-                    state.wifi_name, how)
+        event("wifi_gone", f"{state.wifi_name} is {how}: the VMs cannot reach the LAN until it is back; their "
+              "bindings are kept", level=logging.WARNING, wifi=state.wifi_name, renamed_to=previous.name if previous else None)
         state.wifi = None
         state.post(events.WifiLost(state.wifi_name))
 
@@ -133,7 +136,8 @@ class Plumbing(Duty):
         if bridge is None:
             if state.bridge is not None or config.bridge_ifindex:
                 plumbing.update_config(maps, bridge_ifindex=0)
-                log.warning("%s is gone: the VMs are cut off from the LAN until it is back", bridge_name)
+                event("bridge_gone", f"{bridge_name} is gone: the VMs are cut off from the LAN until it is back",
+                      level=logging.WARNING, bridge=bridge_name)
                 state.post(events.BridgeLost(bridge_name))
             state.bridge, state.uplink = None, uplink
             return
@@ -146,17 +150,20 @@ class Plumbing(Duty):
             plumbing.attach_uplink(ipr, uplink.index, state.datapath.programs)
             plumbing.set_up(ipr, uplink)
             if config.uplink_ifindex:
-                log.warning("re-created the uplink %s in %s (it had been deleted)", port_name, bridge_name)
+                event("uplink_repaired", f"re-created the uplink {port_name} in {bridge_name} (it had been deleted)",
+                      level=logging.WARNING, uplink=port_name, bridge=bridge_name, repair="re-created")
             ready = True
         else:
             if "egress" not in plumbing.macnat_hooks(ipr, uplink.index):
                 plumbing.attach_uplink(ipr, uplink.index, state.datapath.programs)
-                log.warning("put uplink_egress back on %s (its filter had been removed)", port_name)
+                event("uplink_repaired", f"put uplink_egress back on {port_name} (its filter had been removed)",
+                      level=logging.WARNING, uplink=port_name, repair="filter")
             if uplink.master != bridge.index or uplink.mtu != bridge.mtu:
                 plumbing.enslave(ipr, uplink, bridge)
                 if uplink.master != bridge.index:
-                    log.warning("put %s back into %s (it had been taken out%s)", port_name, bridge_name,
-                                "" if uplink.master else ", as `ifreload -a` does with ports it does not know")
+                    why = "" if uplink.master else ", as `ifreload -a` does with ports it does not know"
+                    event("uplink_repaired", f"put {port_name} back into {bridge_name} (it had been taken out{why})",
+                          level=logging.WARNING, uplink=port_name, bridge=bridge_name, repair="re-enslaved")
                     ready = True
             if not uplink.up:
                 plumbing.set_up(ipr, uplink)
