@@ -12,7 +12,8 @@ def test_quick_benchmark_writes_a_report_and_a_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "benchmarks.md").read_text()
     for section in ("## 1. Per-packet datapath cost", "## 2. Table scale", "## 3. Throughput and latency in the lab",
-                    "## 4. Learning", "## 5. Cost of running it", "## 6. Recovery from the laptop's Wi-Fi events", "## 7. The manager at scale"):
+                    "## 4. Learning", "## 5. Cost of running it", "## 6. Recovery from the laptop's Wi-Fi events", "## 7. The manager at scale",
+                    "## 8. CPU per byte"):
         assert section in report
     for row in ("| VM -> Wi-Fi, IPv4 unicast | yes |", "| Wi-Fi -> VM, IPv6 unicast | yes |", "| (b) macnat |",
                 "| (c) ebtables-nft MAC NAT |", "| (d) parprouted + dhcp-helper |", "| (e) masquerade NAT"):

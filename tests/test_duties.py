@@ -277,3 +277,15 @@ def test_config_example_reads_back(tmp_path):
     path.write_text(config.example("wlan0", {"bridge": "vmbr0", "age": 120.0, "statics": {"192.168.1.5": VM_MAC}}))
     assert config.read_file(path) == {"bridge": "vmbr0", "age": 120.0, "statics": {"192.168.1.5": VM_MAC}}
     assert Path(path).read_text().count("# ") > len(config.OPTIONS), "every key is documented"
+
+
+def test_a_first_network_is_identified_at_once_and_completed_later(state, monkeypatch):
+    """The lab's laptop never talks to its router: its MAC is looked for again later, not waited for."""
+    duty = network_change.NetworkChange()
+    partial = replace(HOME, gateway_mac=None)
+    monkeypatch.setattr(network_change, "current_network", lambda _state: partial)
+    duty.judge(time.monotonic(), state)
+    assert state.network == partial and duty.check_at is not None
+    monkeypatch.setattr(network_change, "current_network", lambda _state: HOME)
+    duty.judge(time.monotonic(), state)
+    assert state.network == HOME and [type(e) for e in state.posted] == [events.NetworkIdentified]

@@ -40,7 +40,7 @@ dump_logs() {
     say "logs for debugging"
     for f in hostapd.log hostapd2.log wpa_supplicant.log macnat.log dnsmasq.log dnsmasq2.log dhclient.log \
              dhcpcd-vm1.log dhcpcd-vm2.log checks.log; do
-        [ -s "$LOG/$f" ] && { echo "--- $f (last 40 lines)"; tail -n 40 "$LOG/$f"; }
+        [ -s "$LOG/$f" ] && { echo "--- $f (last 60 lines)"; tail -n 60 "$LOG/$f"; }
     done
     echo "--- captures on the medium (hwsim0), first 40 frames"
     tcpdump -nn -e -r "$LOG/medium.pcap" 2>/dev/null | head -n 40

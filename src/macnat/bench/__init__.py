@@ -6,7 +6,8 @@
 4. learning: a new VM address's first packets;
 5. the cost of running it: attach, resident memory, detach;
 6. recovery from the laptop's Wi-Fi events: flap, re-plug, roam;
-7. the manager at scale: CPU, memory, a sweep, `table` and `stats` with 10 to 65,536 bindings.
+7. the manager at scale: CPU, memory, a sweep, `table` and `stats` with 10 to 65,536 bindings;
+8. CPU per byte at a fixed rate, for every setup, TCP and UDP both ways.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macnat import lab
-from macnat.bench import datapath, manager_scale, recovery, report, setups, traffic
+from macnat.bench import cpu, datapath, manager_scale, recovery, report, setups, traffic
 
 # Targets of issue #6, checked in the report.
 TARGET_FAST_PATH_RATIO = 4.0
@@ -41,6 +42,7 @@ TARGET_RECOVERY_S = 2.0   # issue #9: VMs reachable again within 2 s of the Wi-F
 TARGET_MANAGER_CPU_FULL = 1.0    # issue #14: % of one core, steady, with every table full
 TARGET_MANAGER_CPU_SMALL = 0.1   # ... with 10 bindings (a laptop on battery)
 TARGET_COMMAND_S = 1.0           # `macnat table --json` and `stats` at full tables
+TARGET_CPU_PER_BYTE_RATIO = 1.05  # issue #14: macnat's CPU per byte <= 1.05x plain bridging's
 
 METRICS = ("tcp_up", "tcp_down", "udp_up", "udp_down", "rtt_p50", "rtt_p99")
 HIGHER_IS_BETTER = {"tcp_up": True, "tcp_down": True, "udp_up": True, "udp_down": True,
@@ -59,12 +61,14 @@ class Plan:
     attaches: int
     recovery_rounds: int
     manager_seconds: int     # how long the manager is watched at each table size
+    cpu_rounds: int
+    cpu_seconds: int         # per fixed-rate transfer
 
     @classmethod
     def make(cls, quick: bool, rounds: int | None) -> Plan:
         if quick:
-            return cls(True, rounds or 1, 1, 30, 10_000, 1, 3, 1, 1, 5)
-        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5, 60)
+            return cls(True, rounds or 1, 1, 30, 10_000, 1, 3, 1, 1, 5, 1, 1)
+        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5, 60, 7, 3)
 
 
 def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
@@ -216,6 +220,8 @@ def run(quick: bool, rounds: int | None, output: Path, say=print) -> Path:
         try:
             say(f"3. lab throughput and latency, {plan.rounds} interleaved round(s) of 5 setups ...")
             results["lab"] = lab_comparison(plan, workdir, say)
+            say(f"   CPU per byte at a fixed rate, {plan.cpu_rounds} interleaved round(s) of 5 setups ...")
+            results["cpu"] = cpu.measure(plan.cpu_rounds, plan.cpu_seconds, workdir, say)
             say("   profiling one TCP transfer under (a) and (b) ...")
             results["profile"] = profile(plan, workdir)
             say("4. learning ...")

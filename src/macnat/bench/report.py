@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from macnat import bench  # noqa: E402
-from macnat.bench import datapath, manager_scale, recovery  # noqa: E402
+from macnat.bench import cpu, datapath, manager_scale, recovery  # noqa: E402
 
 
 def verdict(met: bool) -> str:
@@ -180,6 +180,7 @@ def render(r: dict, plot_name: str) -> str:
     ]
     out += render_recovery(r["recovery"])
     out += render_manager(r["manager"])
+    out += render_cpu(r["cpu"])
     changes = []
     if worst < bench.TARGET_THROUGHPUT_RATIO or not ahead:
         changes.append(
@@ -197,6 +198,36 @@ def render(r: dict, plot_name: str) -> str:
     if changes:
         out += ["## What we would change", "", *changes, ""]
     return "\n".join(out)
+
+
+def render_cpu(c: dict) -> list[str]:
+    flows = [name for name, _, _ in cpu.FLOWS]
+    titles = {"tcp_up": "TCP VM->LAN", "tcp_down": "TCP LAN->VM", "udp_up": "UDP VM->LAN", "udp_down": "UDP LAN->VM"}
+    out = [
+        "## 8. CPU per byte",
+        "",
+        cpu.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"TCP at {cpu.TCP_RATE}bit/s, UDP at {cpu.UDP_RATE}bit/s with {cpu.UDP_LENGTH}-byte datagrams; {c['seconds']} s "
+        f"per transfer; {c['rounds']} round(s). CPU seconds per GB received (all CPUs); x (a): the median of the "
+        f"per-round ratios, with their range. Target: macnat <= {bench.TARGET_CPU_PER_BYTE_RATIO:g}x of (a), and "
+        "below every alternative.",
+        "",
+        "| setup | " + " | ".join(titles[f] for f in flows) + " |",
+        "| --- | " + " | ".join("---:" for _ in flows) + " |",
+    ]
+    for key, row in c["setups"].items():
+        cells = [f"{row[f]['median']:.2f}" + ("" if key == "a" else
+                 f" ({row[f]['ratio']:.2f}x, {row[f]['spread'][0]:.2f}-{row[f]['spread'][1]:.2f})") for f in flows]
+        out.append(f"| ({key}) {row['title']} | " + " | ".join(cells) + " |")
+    macnat = c["setups"]["b"]
+    worst = max(macnat[f]["ratio"] for f in flows)
+    ahead = all(macnat[f]["median"] < c["setups"][k][f]["median"] for k in ("c", "d", "e") for f in flows)
+    out += ["",
+            f"- macnat's highest CPU-per-byte ratio to (a): {worst:.2f}x: {verdict(worst <= bench.TARGET_CPU_PER_BYTE_RATIO)} "
+            f"(target <= {bench.TARGET_CPU_PER_BYTE_RATIO:g}x)",
+            f"- macnat below (c), (d) and (e) on every flow (medians): {verdict(ahead)}", ""]
+    return out
 
 
 def render_recovery(rec: dict) -> list[str]:

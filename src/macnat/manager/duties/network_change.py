@@ -26,7 +26,8 @@ from macnat.manager.duties import Duty
 
 log = logging.getLogger("macnat")
 SETTLE = 1.0            # seconds of quiet after an address or route change before the network is judged
-GATEWAY_MAC_WAIT = 10.0  # seconds to wait for the host to resolve a same-looking network's gateway
+GATEWAY_MAC_WAIT = 10.0  # seconds to wait for the host's default route and its gateway's MAC
+REFRESH = 30.0          # seconds between looks for what the host had not resolved of its network
 BOUNCE_DOWN = 1.5       # seconds a VM port stays down: long enough for guests to see the carrier go
 HOOK_TIMEOUT = 60.0
 
@@ -44,13 +45,20 @@ class Network:
             where += f" ({self.gateway_mac})"
         return (f"'{self.ssid}' " if self.ssid else "") + where
 
+    @property
+    def complete(self) -> bool:
+        """Whether the host knows all of it: an address, a gateway, the gateway's MAC."""
+        return bool(self.subnet and self.gateway and self.gateway_mac)
+
     def same_as(self, other: Network) -> bool | None:
-        """True/False when the two can be told apart; None while this one's gateway MAC is unknown."""
-        if self.subnet != other.subnet or self.gateway != other.gateway:
+        """False when something both know differs; True when all of it is known and equal; None when
+        what is known is equal but something is not known yet (a route or neighbour still missing)."""
+        if self.subnet != other.subnet:
             return False
-        if self.gateway_mac and other.gateway_mac:
-            return self.gateway_mac == other.gateway_mac
-        return None
+        for mine, theirs in ((self.gateway, other.gateway), (self.gateway_mac, other.gateway_mac)):
+            if mine and theirs and mine != theirs:
+                return False
+        return True if self.complete and other.complete else None
 
 
 def current_network(state) -> Network | None:
@@ -109,23 +117,29 @@ class NetworkChange(Duty):
             event("network", f"on network {found.describe()}", subnet=found.subnet, gateway=found.gateway,
                   gateway_mac=found.gateway_mac, ssid=found.ssid)
             state.post(events.NetworkIdentified(found))
+        elif found.same_as(known) is False:
+            self.undecided_since = None
+            self.change(state, known, found)
             return
-        same = found.same_as(known)
-        if same is None and found.gateway_mac is None:
-            self.undecided_since = self.undecided_since or now
-            if now - self.undecided_since < GATEWAY_MAC_WAIT:
-                self.schedule(SETTLE)  # the host has not resolved its gateway yet
-                return
-            same = True  # never resolved: nothing says it is another network
-        self.undecided_since = None
-        if same is not False:
-            if found != known:
-                state.network = Network(known.subnet, known.gateway, known.gateway_mac or found.gateway_mac,
-                                        found.ssid)
-                if found.ssid != known.ssid:
-                    log.info("now on '%s', the same network as '%s' (%s)", found.ssid, known.ssid, found.subnet)
-            return
-        self.change(state, known, found)
+        elif found.gateway_mac is None and known.gateway_mac is not None and self.wait_for_more(now):
+            return  # the host has not resolved this network's gateway yet: is it the same router?
+        else:
+            self.undecided_since = None
+            merged = Network(known.subnet, known.gateway or found.gateway, known.gateway_mac or found.gateway_mac,
+                             found.ssid)
+            if merged.ssid != known.ssid and known.ssid:
+                log.info("now on '%s', the same network as '%s' (%s)", merged.ssid, known.ssid, merged.subnet)
+            state.network = merged
+        if not state.network.complete and self.check_at is None:
+            self.check_at = now + REFRESH  # the gateway's MAC is what tells two homes on 192.168.1.0/24 apart
+
+    def wait_for_more(self, now: float) -> bool:
+        """Judge again soon, for a while, when the host has not resolved all of its network yet."""
+        self.undecided_since = self.undecided_since or now
+        if now - self.undecided_since < GATEWAY_MAC_WAIT:
+            self.schedule(SETTLE)
+            return True
+        return False
 
     def change(self, state, old: Network, new: Network) -> None:
         flushed = self.flush(state)

@@ -1,0 +1,73 @@
+"""CPU per byte: what each setup costs the machine to move the same traffic, which does not depend on
+where the scheduler puts iperf3 and the softirqs (throughput on 2 cores swings by 30% round to round).
+
+At a fixed offered rate that every setup sustains (iperf3 -b), the whole machine's busy CPU time
+(all CPUs, /proc/stat: everything but idle and iowait) during the transfer, minus what the machine
+spent in the same time without the transfer just before, per gigabyte received. Sender, receiver and
+the forwarding all run on this one kernel, so the difference between setups is their forwarding path.
+Paired, interleaved rounds; the ratio is per round to (a), plain bridging.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+from macnat import lab
+from macnat.bench import setups, traffic
+
+TICKS = os.sysconf("SC_CLK_TCK")
+TCP_RATE = "1G"          # bits/s: every setup moves more than this in the lab
+UDP_RATE = "400M"
+UDP_LENGTH = 1400        # bytes of payload: full-size datagrams, so the rate is sustainable
+FLOWS = (("tcp_up", "tcp", False), ("tcp_down", "tcp", True), ("udp_up", "udp", False), ("udp_down", "udp", True))
+
+
+def busy_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+def transfer(kind: str, reverse: bool, seconds: int) -> tuple[float, float]:
+    """(busy CPU seconds beyond the idle baseline, bytes received) for one fixed-rate transfer vm1 <-> LAN host."""
+    vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
+    extra = ["-b", TCP_RATE] if kind == "tcp" else ["-u", "-b", UDP_RATE, "-l", str(UDP_LENGTH)]
+    if reverse:
+        extra.append("-R")
+    before, started = busy_seconds(), time.monotonic()
+    time.sleep(1)
+    idle_rate = (busy_seconds() - before) / (time.monotonic() - started)
+    before, started = busy_seconds(), time.monotonic()
+    end = traffic._iperf(vm1, lanhost.ns, lanhost.ip, seconds, extra)
+    spent = busy_seconds() - before - idle_rate * (time.monotonic() - started)
+    received = end["sum_received"]["bytes"] if kind == "tcp" else end["sum"]["bytes"] * (1 - end["sum"]["lost_percent"] / 100)
+    return max(spent, 0.0), received
+
+
+def measure(rounds: int, seconds: int, workdir: Path, say) -> dict:
+    per_round = []
+    for r in range(rounds):
+        results = {}
+        for setup in random.Random(100 + r).sample(setups.SETUPS, len(setups.SETUPS)):
+            with setups.active(setup, workdir):
+                results[setup.key] = {}
+                for name, kind, reverse in FLOWS:
+                    spent, received = transfer(kind, reverse, seconds)
+                    results[setup.key][name] = spent / (received / 1e9) if received else float("nan")
+        say(f"   cpu round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {v['tcp_up']:.2f}" for k, v in sorted(results.items())) + " CPU-s/GB (TCP VM->LAN)")
+        per_round.append(results)
+    summary = {}
+    for setup in setups.SETUPS:
+        summary[setup.key] = {"title": setup.title}
+        for name, _, _ in FLOWS:
+            values = [rnd[setup.key][name] for rnd in per_round]
+            ratios = [rnd[setup.key][name] / rnd["a"][name] for rnd in per_round if rnd["a"][name] > 0]
+            summary[setup.key][name] = {"median": statistics.median(values),
+                                        "ratio": statistics.median(ratios) if ratios else float("nan"),
+                                        "spread": (min(ratios), max(ratios)) if ratios else (float("nan"),) * 2}
+    return {"rounds": rounds, "seconds": seconds, "setups": summary}
