@@ -490,6 +490,24 @@ def bench(
     typer.echo(f"wrote {report} and {report.with_suffix('.png')}")
 
 
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(help="How long macnat is soaked (plus a quarter of it, at most 5 min, of baseline)")] = 30,
+    output: Annotated[Path, typer.Option(help="Where soak.md goes")] = Path("docs"),
+) -> None:
+    """Soak the lab: steady traffic, VMs coming and going, a flap and a manager restart; loss against plain
+    bridging, the manager's memory and CPU and the tables over time. Replaces any lab that is up."""
+    require_root()
+    if minutes <= 0:
+        raise MacnatError("--minutes must be positive")
+    try:
+        from macnat.bench import soak as soaking
+    except ImportError as exc:
+        raise MacnatError(f"the soak needs {exc.name}: pip install 'macnat[bench]'") from None
+    report = soaking.run(minutes, output, say=lambda text: typer.echo(text, err=True))
+    typer.echo(f"wrote {report}")
+
+
 def main() -> None:
     try:
         app()

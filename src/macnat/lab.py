@@ -113,10 +113,11 @@ GATEWAY, IPV6_PREFIX, DHCP_RANGE = HOME.gateway, HOME.prefix6, HOME.dhcp_range
 LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", HOME.laptop_ip)
 BRIDGE = "vmbr0"
 BRIDGE_MAC = "02:4d:4e:00:00:b0"
-VMS = {
+DEFAULT_VMS = {
     "vm1": Host(Namespace(PREFIX + "vm1"), "eth0", "52:54:00:00:01:01", None),
     "vm2": Host(Namespace(PREFIX + "vm2"), "eth0", "52:54:00:00:01:02", None),
 }
+VMS = dict(DEFAULT_VMS)       # add_vm() adds more while the lab is up
 VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}
 
 
@@ -152,6 +153,10 @@ def up(knobs: Knobs | None = None) -> Knobs:
     """Build the lab, replacing any lab already there."""
     knobs = knobs or Knobs()
     down()
+    VMS.clear()
+    VMS.update(DEFAULT_VMS)
+    for extra in set(VM_PORTS) - set(DEFAULT_VMS):
+        VM_PORTS.pop(extra)
     STATE_DIR.mkdir(parents=True)
     try:
         _build(knobs)
@@ -441,6 +446,27 @@ def ifreload(interfaces: str) -> subprocess.CompletedProcess:
               f"mount -t tmpfs none /run && mkdir /run/network && exec python3 /var/tmp/ifreload -a")
     return LAPTOP.ns.run("unshare", "--mount", "--propagation", "private", "sh", "-c", script, check=False,
                          timeout=60)
+
+
+def add_vm(name: str, mac: str) -> Host:
+    """Another VM on vmbr0, up (a VM that starts while the lab runs); it has no address yet."""
+    host = Host(Namespace(PREFIX + name), "eth0", mac, None)
+    Namespace.create(host.ns.name)
+    port = f"tap{100 + len(VM_PORTS) + 1}"
+    while port in VM_PORTS.values():
+        port = f"tap{int(port[3:]) + 1}"
+    _veth(LAPTOP.ns, port, host.ns, host.ifname, mac)
+    LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
+    host.ns.ip("link", "set", host.ifname, "up")
+    VMS[name], VM_PORTS[name] = host, port
+    return host
+
+
+def remove_vm(name: str) -> None:
+    """The VM goes away (shut down): its namespace, and with it its port."""
+    host = VMS.pop(name)
+    LAPTOP.ns.ip("link", "del", VM_PORTS.pop(name))  # at once: a deleted namespace takes its links lazily
+    host.ns.delete()
 
 
 def release(vm: str) -> None:
