@@ -248,6 +248,9 @@ def nl80211_station(index: int) -> dict:
             if bss is not None and bss.get_attr("NL80211_BSS_STATUS") == BSS_STATUS_NAMES["associated"]:
                 found["bssid"] = bss.get_attr("NL80211_BSS_BSSID")
                 found["frequency"] = bss.get_attr("NL80211_BSS_FREQUENCY")
+                elements = bss.get_attr("NL80211_BSS_INFORMATION_ELEMENTS") or {}
+                if elements.get("SSID") and "ssid" not in found:  # the AP's beacon says it too
+                    found["ssid"] = elements["SSID"].decode(errors="replace")
     finally:
         query.close()
     return found
