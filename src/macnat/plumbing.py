@@ -77,9 +77,17 @@ def create_uplink(ipr: IPRoute, wifi_name: str, bridge: netlink.Link) -> netlink
     return netlink.link(ipr, port_name)
 
 
+MCAST_ROUTER_PERMANENT = 2   # IFLA_BRPORT_MULTICAST_ROUTER: forward all multicast to this port
+
+
 def enslave(ipr: IPRoute, uplink: netlink.Link, bridge: netlink.Link) -> None:
-    """Make the uplink a port of the bridge, with the bridge's MTU."""
+    """Make the uplink a port of the bridge, with the bridge's MTU, as a multicast router port: behind
+    it is the whole LAN, whose listeners' reports the bridge never sees (frames from Wi-Fi enter
+    through the bridge's own transmit path). With snooping active (a querier on vmbr0), group
+    traffic such as mDNS on ff02::fb would otherwise not reach the LAN at all. A port leaving the
+    bridge loses this, so it is set each time."""
     ipr.link("set", index=uplink.index, mtu=bridge.mtu, master=bridge.index)
+    ipr.brport("set", index=uplink.index, multicast_router=MCAST_ROUTER_PERMANENT)
 
 
 def set_up(ipr: IPRoute, link: netlink.Link) -> None:
