@@ -17,7 +17,9 @@ import typer
 
 from macnat.errors import MacnatError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False)
+# add_completion: typer answers shell completion (_MACNAT_COMPLETE=complete_bash ...) only with it on; the
+# Debian package ships the scripts it makes (_MACNAT_COMPLETE=source_bash macnat), pipx users have --install-completion.
+app = typer.Typer(no_args_is_help=True)
 config_app = typer.Typer(no_args_is_help=True, help="The settings file of a Wi-Fi interface (/etc/macnat/WIFI.toml).")
 app.add_typer(config_app, name="config")
 lab_app = typer.Typer(no_args_is_help=True, help="The emulated Wi-Fi LAN in network namespaces (mnlab-*; MACNAT_NS_PREFIX=xy makes them xylab-*).")
