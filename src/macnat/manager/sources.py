@@ -124,21 +124,3 @@ class Signals:
         os.close(self.read_fd)
         os.close(self.write_fd)
 
-
-def nl80211_station(index: int) -> dict:
-    """SSID, BSSID and frequency of the network the station `index` is associated with ({} if none)."""
-    from pyroute2 import IW
-
-    found: dict = {}
-    with IW() as iw:
-        for msg in iw.get_interface_by_ifindex(index):
-            ssid = msg.get_attr("NL80211_ATTR_SSID")
-            if ssid:
-                found["ssid"] = ssid.decode(errors="replace") if isinstance(ssid, bytes) else str(ssid)
-        bss = iw.get_associated_bss(index)
-        if bss is not None:
-            attrs = bss.get_attr("NL80211_ATTR_BSS")
-            found["bssid"] = attrs.get_attr("NL80211_BSS_BSSID")
-            found["frequency"] = attrs.get_attr("NL80211_BSS_FREQUENCY")
-    return found
-
