@@ -205,7 +205,32 @@ check "ping6 LAN host -> vm1 ($vm1_slaac)" ping_ok ns-lan "$vm1_slaac"
 check "ping6 vm2 -> LAN host" ping_ok ns-vm2 $LAN_HOST6
 check "ping6 LAN host -> vm2 ($vm2_dhcp6)" ping_ok ns-lan "$vm2_dhcp6"
 
-say "4. detach, and the station throughout"
+say "4. macnat doctor on the real stack (nl80211: station, network, 4-address mode)"
+ap_mac=$(in_ns ns-ap cat /sys/class/net/wlan0/address)
+$macnat doctor wlan1 vmbr0 --json >"$LOG/doctor.json" 2>>"$LOG/checks.log"
+doctor_status=$?
+python3 - "$LOG/doctor.json" <<'EOF' | tee -a "$LOG/checks.log"
+import json, sys
+for f in json.load(open(sys.argv[1]))["findings"]:
+    print(f"  doctor: {f['verdict']:<8} {f['id']}: {f['found'][:150]}")
+EOF
+doctor_finding() { # id, python condition on the finding f (its details in d)
+    python3 -c "
+import json, sys
+(f,) = [f for f in json.load(open('$LOG/doctor.json'))['findings'] if f['id'] == sys.argv[1]]
+d = f['details']
+assert $2, f" "$1"
+}
+check "doctor exits 0 or 3 (no error; exit $doctor_status)" test "$doctor_status" = 0 -o "$doctor_status" = 3
+check "doctor: wlan1 is a Wi-Fi station" doctor_finding wifi-station "f['verdict'] == 'ok' and d['iftype'] == 'station'"
+check "doctor: associated with SSID $SSID, BSSID $ap_mac, 2412 MHz" doctor_finding wifi-associated \
+    "f['verdict'] == 'ok' and (d['ssid'], d['bssid'], d['frequency']) == ('$SSID', '$ap_mac', 2412)"
+check "doctor: mac80211_hwsim allows 4-address mode on a station (probed)" doctor_finding wifi-4addr \
+    "f['verdict'] == 'ok' and d['four_address'] == 'allowed'"
+check "doctor: the probe left no interface behind" sh -c '! ip -o link | grep -q " mn4a"'
+check "  ... and the station stayed associated" associated
+
+say "5. detach, and the station throughout"
 kill "$manager_pid"
 wait "$manager_pid"
 status=$?

@@ -101,20 +101,29 @@ def proxy_arp(ctx, target):
                      conflicts={p.host_ip: sorted(host_claimed)})
     if proxied:
         named = ", ".join(f"{ip} ({'this host' if ip == p.host_ip else 'a VM'})" for ip in proxied)
+        vms = [ip for ip in proxied if ip != p.host_ip]
+        pin = "; ".join(f"ip neigh replace {ip} lladdr {p.vms[ip]} dev {target.wifi} nud permanent" for ip in vms)
         return warning(f"the access point answers ARP itself (proxy ARP, as hostapd's proxy_arp=1 does): for {named} "
                        f"it replied with the station's MAC {p.host_mac}, which no VM does. Such an AP answers only "
                        "for addresses its DHCP snooping learned (one per station), and may keep other ARP requests "
-                       "from the station: LAN hosts may reach one address behind it, not every VM",
+                       "from the station: LAN hosts may reach one address behind it, not every VM"
+                       + ("; and this host, told its own MAC for such a VM, cannot reach it" if vms else ""),
                        "turn proxy ARP off for this network if it is yours (hostapd: proxy_arp=0; on controllers: "
                        "'ARP proxy', 'ARP suppression'); otherwise reach the VMs from the LAN through the host "
-                       "(port forwarding) or use a network without it", topics.AP_PROXY_ARP, proxied=proxied)
+                       "(port forwarding) or use a network without it" + (f"; for this host: {pin}" if pin else ""),
+                       topics.AP_PROXY_ARP, proxied=proxied)
     if vm_claimed:
         return warning("; ".join(f"{', '.join(sorted(macs))} also answers ARP for {ip}, a VM's address"
                                  for ip, macs in vm_claimed.items()) + ": an address conflict on the LAN",
                        "give the VM another address (or the LAN host: see the router's DHCP leases)",
                        topics.ADDRESS_CONFLICT, conflicts={ip: sorted(m) for ip, m in vm_claimed.items()})
-    return ok(f"asked for {1 + len(p.vms)} addresses ({p.host_ip} and {len(p.vms)} of the VMs'): no one but their "
-              "owners answered", probed=[p.host_ip, *p.vms])
+    vms = f" and the VMs' {', '.join(p.vms)}" if p.vms else ""
+    return ok(f"ARP for this host's {p.host_ip}{vms}: no one but their owners answered", probed=[p.host_ip, *p.vms])
+
+
+def isolated(p: Probe | None) -> bool:
+    """LAN hosts this host has talked to no longer answer it."""
+    return bool(p and p.lan and not any(p.answers[ip] for ip in p.lan))
 
 
 @check(GROUP, "ap-isolation", "AP: client isolation", needs_root=True)
@@ -124,7 +133,7 @@ def isolation(ctx, target):
         return None
     gateway_answers = bool(p.gateway and p.answers[p.gateway])
     answering = [ip for ip in p.lan if p.answers[ip]]
-    if p.lan and not answering:
+    if isolated(p):
         fix = ("turn client isolation off for this network if it is yours ('AP isolation', 'client isolation', "
                "'guest network'; hostapd: ap_isolate=0); otherwise use a network without it")
         if gateway_answers:
@@ -145,6 +154,8 @@ def arp_offload(ctx, target):
     if found is None:
         return None
     talking = {ip: b for ip, b in _ipv4_bindings(found).items() if b.tx_packets}
+    if isolated(probe(ctx, target)):
+        return ok("not told apart: the client isolation above keeps the LAN's answers from the VMs too")
     if not talking:
         return ok("no VM has sent anything from an IPv4 address yet: nothing to tell")
     answered = [ip for ip, b in talking.items() if b.rx_packets]

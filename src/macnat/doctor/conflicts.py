@@ -158,6 +158,8 @@ def ifupdown2(ctx, target):
         return None
     path = ctx.system_path(ifupdown.INTERFACES)
     port = uplink_names(target.wifi)[0]
+    if not path.exists():
+        return ok(f"no {ifupdown.INTERFACES}: nothing for ifreload -a to act on")
     stanza = ifupdown.parse(path, ctx.root).get(target.bridge)
     if stanza is None:
         return ok(f"{ifupdown.INTERFACES} has no stanza for {target.bridge}: ifreload -a leaves its ports alone")

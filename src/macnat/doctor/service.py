@@ -93,7 +93,8 @@ def attachment(ctx, target):
     found = ctx.attachment(target.wifi)
     start = f"macnat attach {target.wifi} {target.bridge or 'vmbr0'}   # or: systemctl enable --now macnat@{target.wifi}"
     if found is None:
-        return warning(f"macnat is not attached to {target.wifi} (the access point checks need it attached)",
+        return warning(f"macnat is not attached to {target.wifi} (the access point checks that read its counters "
+                       "wait for that)",
                        start, topics.NOT_ATTACHED, attached=False)
     d = found.describe()
     if target.bridge and d["bridge"] and d["bridge"] != target.bridge:
