@@ -58,7 +58,8 @@ def probe(ctx, target) -> Probe | None:
         if not host_ip or not wifi.carrier:
             return None
         found = ctx.attachment(target.wifi)
-        vms = {ip: mac_str(b.mac) for ip, b in list(_ipv4_bindings(found).items())[:MAX_PROBED]} if found else {}
+        bound = sorted(_ipv4_bindings(found).items(), key=lambda item: socket.inet_aton(item[0])) if found else []
+        vms = {ip: mac_str(b.mac) for ip, b in bound[:MAX_PROBED]}
         gateway = netlink.default_gateway(ctx.ipr, wifi.index)
         own = set(netlink.host_addresses(ctx.ipr))
         lan = sorted({msg.get("NDA_DST") for msg in ctx.ipr.get_neighbours(family=socket.AF_INET, ifindex=wifi.index)}
@@ -145,7 +146,7 @@ def isolation(ctx, target):
     if not p.lan:
         return ok(("the gateway answers; " if gateway_answers else "") + "no other LAN host known to ask (ping one "
                   "from this host, then run doctor again)")
-    return ok(f"{', '.join(answering)} answer ARP from {target.wifi}", answering=answering)
+    return ok(f"LAN hosts answer ARP from {target.wifi}: {', '.join(answering)}", answering=answering)
 
 
 @check(GROUP, "ap-arp-offload", "AP: ARP offload", needs_root=True)

@@ -11,24 +11,26 @@ from macnat.doctor.core import ERROR, OK, WARNING
 
 STYLE = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
 INDENT = " " * 11
-TITLE_WIDTH = 26
+TITLE_WIDTH = 28
 
 
 def print_report(report: Report, console: Console) -> None:
+    def say(text: Text) -> None:
+        console.print(text, soft_wrap=True)  # one line per finding, whatever its length: the terminal wraps it
+
     group = None
     for finding in report.findings:
         if finding.group != group:
+            say(Text(("\n" if group else "") + GROUPS[finding.group], style="bold"))
             group = finding.group
-            console.print(Text(("\n" if finding is not report.findings[0] else "") + GROUPS[group], style="bold"))
         line = Text("  ")
         line.append(f"{finding.verdict:<9}", style=STYLE[finding.verdict])
         line.append(f"{finding.title:<{TITLE_WIDTH}} {finding.found}")
-        console.print(line)
+        say(line)
         if finding.verdict != OK:
-            for i, fix in enumerate((finding.fix or "").splitlines()):
-                console.print(Text(f"{INDENT}{'fix: ' if i == 0 else '     '}{fix}"))
+            say(Text(f"{INDENT}fix: {finding.fix}"))
             if finding.doc:
-                console.print(Text(f"{INDENT}see: {finding.doc}"))
+                say(Text(f"{INDENT}see: {finding.doc}"))
     counts = {v: sum(1 for f in report.findings if f.verdict == v) for v in (ERROR, WARNING)}
     summary = ", ".join(f"{n} {v}{'s' if n != 1 else ''}" for v, n in counts.items() if n) or "no problems found"
-    console.print(Text(f"\n{summary} (exit status {report.exit_status})", style=STYLE[report.worst]))
+    say(Text(f"\n{summary} (exit status {report.exit_status})", style=STYLE[report.worst]))
