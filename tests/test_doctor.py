@@ -78,6 +78,8 @@ def test_parprouted_running(attached):
 MASQUERADE = {
     "nft": ("nft", "add table ip natlab; add chain ip natlab post { type nat hook postrouting priority 100; }; "
                    "add rule ip natlab post oifname wlan0 ip saddr 10.10.10.0/24 masquerade", "nft delete table ip natlab"),
+    "iptables-nft": ("iptables-nft", "-t nat -A POSTROUTING -s 10.10.10.0/24 -o wlan0 -j MASQUERADE",
+                     "iptables-nft -t nat -F POSTROUTING"),  # seen through nftables, where its rules live
     "iptables-legacy": ("iptables-legacy", "-t nat -A POSTROUTING -s 10.10.10.0/24 -o wlan0 -j MASQUERADE",
                         "iptables-legacy -t nat -F POSTROUTING"),
 }
@@ -91,7 +93,8 @@ def test_a_masquerade_rule_for_the_vms(attached, tool):
         report, status = doctor("wlan0", "vmbr0")
         assert_only(report, status, 3, masquerade="warning")
         nat = finding(report, "masquerade")
-        assert "10.10.10.0/24" in nat["details"]["rules"][0] and tool in nat["details"]["rules"][0]
+        (rule,) = nat["details"]["rules"]
+        assert "10.10.10.0/24" in rule and rule.startswith("iptables-legacy: " if tool == "iptables-legacy" else "nft: ")
         LAPTOP.run(*nat["fix"].split("   #")[0].split())  # the fix given removes exactly that rule
         assert finding(doctor("wlan0", "vmbr0")[0], "masquerade")["verdict"] == "ok"
     finally:
@@ -193,6 +196,19 @@ def test_an_access_point_that_answers_arp_for_its_stations(attached):
         assert lab.neighbours(LAPTOP)[leases["vm1"]] == VM1.mac, "the AP's answer did not stay in the host's table"
     finally:
         lab.set_ap(knobs)
+
+
+def test_an_address_conflict_on_the_lan(attached):
+    _, leases = attached
+    lab.LANHOST.ns.ip("addr", "add", f"{leases['vm1']}/24", "dev", "eth0")  # a LAN host with a VM's address
+    try:
+        report, status = doctor("wlan0", "vmbr0")
+        assert_only(report, status, 3, ap_proxy_arp="warning")
+        conflict = finding(report, "ap-proxy-arp")
+        assert conflict["details"]["conflicts"] == {leases["vm1"]: [lab.LANHOST.mac]}
+        assert conflict["doc"] == "docs/troubleshooting.md#address-conflict"
+    finally:
+        lab.LANHOST.ns.ip("addr", "del", f"{leases['vm1']}/24", "dev", "eth0")
 
 
 def test_an_access_point_that_isolates_its_clients(attached):

@@ -49,6 +49,12 @@ def test_a_machine_where_macnat_never_ran(fresh_lab):
     report, status = doctor("wlan0", "vmbr0")
     assert_only(report, status, 3, attachment="warning")
     assert {"ap-group-unicast", "ap-arp-offload"}.isdisjoint(f["id"] for f in report["findings"])
+    LAPTOP.ip("link", "set", "wlan0", "down")
+    report, status = doctor("wlan0", "vmbr0")
+    assert not_ok(report)["wifi-associated"] == "error" and status == 4
+    assert finding(report, "wifi-associated")["found"] == "wlan0 is down"
+    LAPTOP.ip("link", "set", "wlan0", "up")
+    LAPTOP.ip("route", "replace", "default", "via", lab.GATEWAY)  # went with the link
     LAPTOP.ip("link", "add", "br9", "type", "bridge")
     LAPTOP.ip("link", "set", "wlan0", "master", "br9")  # the way one bridges a wired NIC
     try:

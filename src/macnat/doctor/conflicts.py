@@ -195,6 +195,10 @@ def _nmcli_states() -> dict[str, str]:
     return dict(line.rsplit(":", 1) for line in proc.stdout.splitlines() if ":" in line) if proc.returncode == 0 else {}
 
 
+NM_EXCEPT = ("   # and for good, in that [device] section: "
+             "match-device=...;except:interface-name:vethmn*;except:interface-name:mnpeer*")
+
+
 @check(GROUP, "networkmanager", "NetworkManager")
 def networkmanager(ctx, target):
     files = nm.config_files(ctx.root)
@@ -208,8 +212,7 @@ def networkmanager(ctx, target):
     if managed:
         return warning("NetworkManager manages " + "; ".join(f"{name} ({where})" for name, where in managed.items()) +
                        ": it may activate a connection on macnat's uplink and take it out of the bridge",
-                       "; ".join(f"nmcli device set {name} managed no" for name in managed) +
-                       "   # and drop managed=1 for them from that [device] section: match-device=...;except:interface-name:vethmn*;except:interface-name:mnpeer*",
+                       "; ".join(f"nmcli device set {name} managed no" for name in managed) + NM_EXCEPT,
                        topics.NETWORKMANAGER, managed=managed)
     unmanaged = [c.where for c in claims.values() if c and not c.managed]
     return ok("; ".join(sorted(set(unmanaged))) if unmanaged else
