@@ -5,6 +5,7 @@ configuration, VLANs, ARP frames; and every troubleshooting link a finding can c
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -20,48 +21,59 @@ from macnat.doctor.probe import minimal_btf
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
 
 
-def kernel_message(command: str, attrs: list) -> nl80211cmd:
-    """A message as the kernel sends it: encoded, then decoded by pyroute2 as IW receives it."""
-    msg = nl80211cmd()
-    msg["cmd"] = NL80211_NAMES[command]
-    msg["attrs"] = attrs
-    msg.encode()
-    received = nl80211cmd(msg.data)
-    received.decode()
-    return received
+def nla(table: tuple, name: str, payload: bytes) -> bytes:
+    """A netlink attribute, numbered as nl80211.h numbers it (the position in pyroute2's table)."""
+    raw = struct.pack("HH", 4 + len(payload), [n for n, _ in table].index(name)) + payload
+    return raw + bytes(-len(raw) % 4)
 
 
-def interface_message(iftype: int, four: int, ssid: bytes | None = b"macnat-hwsim") -> nl80211cmd:
-    attrs = [["NL80211_ATTR_IFINDEX", 5], ["NL80211_ATTR_IFNAME", "wlan1"], ["NL80211_ATTR_WIPHY", 1],
-             ["NL80211_ATTR_IFTYPE", iftype], ["NL80211_ATTR_4ADDR", bytes([four])]]
-    return kernel_message("NL80211_CMD_NEW_INTERFACE", attrs + ([["NL80211_ATTR_SSID", ssid]] if ssid else []))
+def kernel_message(command: str, *attrs: bytes) -> nl80211cmd:
+    """A generic netlink message built byte by byte as the kernel sends it, decoded as IW receives it."""
+    body = struct.pack("BBH", NL80211_NAMES[command], 1, 0) + b"".join(attrs)
+    msg = nl80211cmd(struct.pack("IHHII", 16 + len(body), 0x1C, 0, 1, 0) + body)
+    msg.decode()
+    return msg
 
 
-def test_an_associated_station_interface():
+ATTRS, BSS = nl80211cmd.nla_map, nl80211cmd.bss.nla_map
+
+
+def interface_message(iftype: int, four: int, ssid: bytes | None = None) -> nl80211cmd:
+    attrs = [nla(ATTRS, "NL80211_ATTR_IFINDEX", struct.pack("I", 5)), nla(ATTRS, "NL80211_ATTR_IFNAME", b"wlan1\0"),
+             nla(ATTRS, "NL80211_ATTR_WIPHY", struct.pack("I", 1)), nla(ATTRS, "NL80211_ATTR_IFTYPE", struct.pack("I", iftype)),
+             nla(ATTRS, "NL80211_ATTR_4ADDR", bytes([four]))]
+    return kernel_message("NL80211_CMD_NEW_INTERFACE", *attrs, *([nla(ATTRS, "NL80211_ATTR_SSID", ssid)] if ssid else []))
+
+
+def test_a_station_interface():
     iface = nl80211.parse_interface(interface_message(iftype=2, four=0))
-    assert iface == nl80211.Interface(index=5, name="wlan1", wiphy=1, iftype="station", use_4addr=False,
-                                      ssid="macnat-hwsim")
+    assert iface == nl80211.Interface(index=5, name="wlan1", wiphy=1, iftype="station", use_4addr=False, ssid=None)
+    assert nl80211.parse_interface(interface_message(iftype=2, four=0, ssid=b"macnat-hwsim")).ssid == "macnat-hwsim"
 
 
 def test_4_address_mode_and_other_interface_types():
     assert nl80211.parse_interface(interface_message(iftype=2, four=1)).use_4addr
-    ap = nl80211.parse_interface(interface_message(iftype=3, four=0, ssid=None))
-    assert (ap.iftype, ap.ssid) == ("ap", None)
+    assert nl80211.parse_interface(interface_message(iftype=3, four=0)).iftype == "ap"
     assert nl80211.parse_interface(interface_message(iftype=42, four=0)).iftype == "type 42"
 
 
-def scan_result(bssid: str, frequency: int, status: int | None) -> nl80211cmd:
-    bss = [["NL80211_BSS_BSSID", bytes.fromhex(bssid.replace(":", ""))], ["NL80211_BSS_FREQUENCY", frequency]]
+def scan_result(bssid: str, frequency: int, status: int | None, ssid: bytes = b"macnat-hwsim") -> nl80211cmd:
+    elements = bytes([0, len(ssid)]) + ssid + bytes([1, 4, 0x82, 0x84, 0x8B, 0x96])  # SSID, supported rates
+    bss = [nla(BSS, "NL80211_BSS_BSSID", bytes.fromhex(bssid.replace(":", ""))),
+           nla(BSS, "NL80211_BSS_FREQUENCY", struct.pack("I", frequency)),
+           nla(BSS, "NL80211_BSS_INFORMATION_ELEMENTS", elements)]
     if status is not None:
-        bss.append(["NL80211_BSS_STATUS", status])
-    return kernel_message("NL80211_CMD_NEW_SCAN_RESULTS", [["NL80211_ATTR_IFINDEX", 5], ["NL80211_ATTR_BSS", {"attrs": bss}]])
+        bss.append(nla(BSS, "NL80211_BSS_STATUS", struct.pack("I", status)))
+    return kernel_message("NL80211_CMD_NEW_SCAN_RESULTS", nla(ATTRS, "NL80211_ATTR_IFINDEX", struct.pack("I", 5)),
+                          nla(ATTRS, "NL80211_ATTR_BSS", b"".join(bss)))
 
 
 def test_the_associated_bss_among_the_scan_results():
-    seen = [scan_result("02:00:00:00:02:00", 5180, None), scan_result("02:00:00:00:00:00", 2412, 1)]
-    assert nl80211.parse_associated_bss(seen) == nl80211.Bss("02:00:00:00:00:00", 2412)
-    authenticated_only = [scan_result("02:00:00:00:00:00", 2412, 0)]
-    assert nl80211.parse_associated_bss(authenticated_only) is None
+    seen = [scan_result("02:00:00:00:02:00", 5180, None, b"neighbours"), scan_result("02:00:00:00:00:00", 2412, 1)]
+    associated = nl80211.parse_associated_bss(seen)
+    assert associated == nl80211.Bss("02:00:00:00:00:00", 2412, "macnat-hwsim")
+    assert nl80211.network_name(nl80211.parse_interface(interface_message(2, 0)), associated) == "macnat-hwsim"
+    assert nl80211.parse_associated_bss([scan_result("02:00:00:00:00:00", 2412, 0)]) is None  # authenticated only
     assert nl80211.parse_associated_bss([]) is None
 
 

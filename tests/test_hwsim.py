@@ -19,6 +19,7 @@ EVIDENCE = (
     "PASS ping6 LAN host -> vm1",
     "PASS vm2 leased",
     "PASS doctor: associated with SSID macnat-hwsim",
+    "PASS the manager names the network: wlan1 on 'macnat-hwsim'",
     "PASS doctor: mac80211_hwsim allows 4-address mode on a station (probed)",
     "PASS nothing left on wlan1",
     "PASS the station stayed associated throughout",

@@ -32,13 +32,14 @@ class Interface:
     wiphy: int | None
     iftype: str            # "station", "ap", "monitor", ... (nl80211's names, lower case)
     use_4addr: bool
-    ssid: str | None       # the network a station is connected to
+    ssid: str | None       # the network a station is connected to, where the kernel says it here
 
 
 @dataclass(frozen=True)
 class Bss:
     bssid: str
     frequency: int | None
+    ssid: str | None = None    # from the BSS's information elements (what `iw dev wlan0 link` shows)
 
 
 def _text(value) -> str | None:
@@ -64,8 +65,16 @@ def parse_associated_bss(messages) -> Bss | None:
     for msg in messages:
         bss = msg.get_attr("NL80211_ATTR_BSS")
         if bss is not None and bss.get_attr("NL80211_BSS_STATUS") in wanted:
-            return Bss(bssid=_text(bss.get_attr("NL80211_BSS_BSSID")), frequency=bss.get_attr("NL80211_BSS_FREQUENCY"))
+            elements = bss.get_attr("NL80211_BSS_INFORMATION_ELEMENTS") or {}
+            return Bss(bssid=_text(bss.get_attr("NL80211_BSS_BSSID")), frequency=bss.get_attr("NL80211_BSS_FREQUENCY"),
+                       ssid=_text(elements.get("SSID")))
     return None
+
+
+def network_name(iface: Interface | None, bss: Bss | None) -> str | None:
+    """The SSID: GET_INTERFACE does not name a station's network on every kernel (commit 44905265bc15 left
+    it out; the 6.1 kernel of the hwsim test sends none), the associated BSS's elements always do."""
+    return (iface.ssid if iface else None) or (bss.ssid if bss else None)
 
 
 def open_iw():
@@ -130,12 +139,9 @@ def station_allows_4addr(iw, wiphy: int) -> bool:
 
 def station_network(index: int) -> dict:
     """SSID, BSSID and frequency of the network the station `index` is associated with ({} if none)."""
-    found: dict = {}
     with open_iw() as iw:
         iface = interface(iw, index)
-        if iface and iface.ssid:
-            found["ssid"] = iface.ssid
         bss = associated_bss(iw, index)
-    if bss is not None:
-        found["bssid"], found["frequency"] = bss.bssid, bss.frequency
-    return found
+    if bss is None:
+        return {}
+    return {"ssid": network_name(iface, bss), "bssid": bss.bssid, "frequency": bss.frequency}

@@ -228,6 +228,8 @@ check "doctor: associated with SSID $SSID, BSSID $ap_mac, 2412 MHz" doctor_findi
 check "doctor: mac80211_hwsim allows 4-address mode on a station (probed)" doctor_finding wifi-4addr \
     "f['verdict'] == 'ok' and d['four_address'] == 'allowed'"
 check "doctor: the probe left no interface behind" sh -c '! ip -o link | grep -q " mn4a"'
+check "the manager names the network: wlan1 on '$SSID' ($ap_mac, 2412 MHz)" \
+    grep -qF "wlan1 on '$SSID' ($ap_mac, 2412 MHz)" "$LOG/macnat.log"
 check "  ... and the station stayed associated" associated
 
 say "5. detach, and the station throughout"

@@ -99,7 +99,7 @@ def wifi_associated(ctx, target):
         return error(f"{target.wifi} has no carrier: not associated", connect, topics.NOT_ASSOCIATED, carrier=False)
     if found.bss is None:
         return error(f"{target.wifi} is not associated with any network", connect, topics.NOT_ASSOCIATED)
-    ssid = found.interface.ssid
+    ssid = nl80211.network_name(found.interface, found.bss)
     return ok(f"SSID {ssid!r}, BSSID {found.bss.bssid}, {found.bss.frequency} MHz",
               ssid=ssid, bssid=found.bss.bssid, frequency=found.bss.frequency)
 
