@@ -14,7 +14,7 @@ import pytest
 from doctortest import LAPTOP, UPLINK, assert_only, doctor, finding, not_ok, system_root  # noqa: F401 (an autouse fixture)
 from macnat import lab
 from macnat.lab import MACNAT, RunningManager, ping
-from test_attach import VM1
+from test_attach import VM1, wait_for
 
 
 
@@ -23,7 +23,9 @@ def test_a_second_uplink_in_the_bridge(fresh_lab, tmp_path):
     # that closes a loop, and broadcasts would circle at full speed: the AP forwards nothing from it or
     # from the station into it, so frames only come in (enough for the bridge to see the LAN there).
     manager = RunningManager(log=tmp_path / "manager.log")
-    assert lab.dhcp("vm1") and ping(VM1.ns, lab.ROUTER.ip)  # macnat knows the gateway's MAC
+    assert lab.dhcp("vm1") and ping(VM1.ns, lab.ROUTER.ip)  # macnat knows the gateway's MAC ...
+    fdb = lambda: LAPTOP.run("bridge", "fdb", "show", "dev", UPLINK).stdout
+    assert wait_for(lambda: lab.ROUTER.mac in fdb(), timeout=5)  # ... and has pinned it to its uplink
     lab.AP.run("nft", "add table bridge second; add chain bridge second forward { type filter hook forward priority -1; }; "
                'add rule bridge second forward iifname "p-second" drop; '
                'add rule bridge second forward iifname "air" oifname "p-second" drop')
