@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 
 from macnat.logs import event
-from macnat.nl80211 import station_network
 from macnat.manager import events
 from macnat.manager.duties import Duty
 from macnat.manager.state import Association
+from macnat.nl80211 import station_network
 
 log = logging.getLogger("macnat")
 
