@@ -24,7 +24,8 @@ packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-cli
           qemu-system-x86 debootstrap busybox-static zstd cpio kmod    # the real-802.11 test in a VM
           dpkg-dev debhelper dh-python build-essential fakeroot python3-pip python3-hatchling  # the .deb
           groff-base systemd systemd-container  # its man page, unit (systemd-analyze) and service (nspawn)
-          pipx)   # the pipx route's test
+          pipx   # the pipx route's test
+          python3-seccomp)   # doctor's test of a kernel without bpf(2): a seccomp filter hides it
 
 # Wait for a dpkg lock another apt run holds, rather than fail.
 apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }

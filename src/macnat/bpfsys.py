@@ -1,5 +1,5 @@
-"""The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements and
-BPF_PROG_TEST_RUN.
+"""The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements,
+BPF_PROG_TEST_RUN, and loading a tiny program or BTF blob (what `macnat doctor` probes the kernel with).
 
 The manager and the read-only commands use these instead of bcc, so they never load LLVM: a program
 or map is found by the ID the kernel reports for an attached filter, which works from any mount
@@ -20,10 +20,12 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_BTF_LOAD = 18
 BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_ANY = 0
@@ -31,6 +33,7 @@ BPF_NOEXIST = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -49,6 +52,18 @@ class _BatchAttr(ctypes.Structure):
 
 class _GetFdByIdAttr(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+                ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_name", ctypes.c_char * 16)]
+
+
+class _BtfLoadAttr(ctypes.Structure):
+    _fields_ = [("btf", ctypes.c_uint64), ("btf_log_buf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32),
+                ("btf_log_size", ctypes.c_uint32), ("btf_log_level", ctypes.c_uint32)]
 
 
 class _InfoAttr(ctypes.Structure):
@@ -173,6 +188,21 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: SkBuffCtx | N
         attr.ctx_size_in = ctypes.sizeof(ctx)
     _bpf(BPF_PROG_TEST_RUN, attr)
     return TestRun(attr.retval, out.raw[:attr.data_size_out], attr.duration)
+
+
+def prog_load(prog_type: int, insns: bytes, name: str) -> int:
+    """BPF_PROG_LOAD of raw instructions (8 bytes each); the program's fd."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    return _bpf(BPF_PROG_LOAD, _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
+                                             insns=ctypes.addressof(code), license=ctypes.addressof(license_),
+                                             prog_name=name.encode()[:15]))
+
+
+def btf_load(blob: bytes) -> int:
+    """BPF_BTF_LOAD of a raw BTF blob; its fd."""
+    data = ctypes.create_string_buffer(blob, len(blob))
+    return _bpf(BPF_BTF_LOAD, _BtfLoadAttr(btf=ctypes.addressof(data), btf_size=len(blob)))
 
 
 def _found(cmd: int, attr: ctypes.Structure) -> bool:

@@ -326,6 +326,29 @@ def status(as_json: JsonOption = False) -> None:
                    f"programs {d['programs']}; {manager}")
 
 
+@app.command()
+def doctor(
+    wifi: Annotated[Optional[str], typer.Argument(help="The Wi-Fi interface (default: every one attached, configured or a station)")] = None,
+    bridge: Annotated[Optional[str], typer.Argument(help="The VMs' bridge (default: from the config file, else the attachment)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Whose fault is it when a VM has no network: check the prerequisites, the configuration, the
+    interfaces, conflicting setups and the access point, each with a verdict and the fix.
+
+    Exit status: 0 nothing wrong, 3 a warning at worst, 4 an error (see docs/troubleshooting.md).
+    """
+    from macnat import doctor as checks
+
+    report = checks.diagnose(wifi, bridge)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        from macnat.doctor.output import print_report
+
+        print_report(report, console())
+    raise typer.Exit(report.exit_status)
+
+
 @config_app.command("show")
 def config_show(
     wifi: Annotated[str, typer.Argument(help="The Wi-Fi interface")],

@@ -25,6 +25,11 @@ drops. With the filter off the AP behaves like a 4-address (WDS) AP, where plain
 
 The laptop's Wi-Fi events are knobs too: flap() (down and up, as suspend/resume or rfkill do),
 replug() (the interface deleted and created again: a new ifindex, as with a USB dongle), roam().
+Three more behaviours of real access points, for `macnat doctor` to recognise: `ap_proxy_arp` (the AP
+answers ARP for the listed addresses itself, with the station's MAC: hostapd's proxy_arp=1, which
+sets the bridge port's proxy_arp_wifi and keeps neighbour entries from its DHCP snooping),
+`ap_isolation` (client isolation: the station reaches the router only) and `arp_offload` (Wi-Fi
+firmware that keeps every ARP not for the station's own address from the host).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from macnat.errors import MacnatError
@@ -132,6 +137,9 @@ class Knobs:
 
     def networks(self) -> list[LanNetwork]:
         return [NETWORKS["a"], NETWORKS["b"]] if self.second_network else [NETWORKS["a"]]
+    ap_proxy_arp: list[str] = field(default_factory=list)  # addresses the AP answers ARP for, as the station's
+    ap_isolation: bool = False        # the AP lets the station talk to the router only
+    arp_offload: bool = False         # only ARP for the station's own address reaches it
 
 
 def namespaces(knobs: Knobs | None = None) -> list[Namespace]:
@@ -516,6 +524,10 @@ def set_ap(knobs: Knobs) -> None:
     rules = []
     if knobs.mcast_to_ucast:
         rules.append(f'oifname "air" meta pkttype {{ broadcast, multicast }} ether daddr set {knobs.station_mac}')
+    if knobs.ap_isolation:
+        rules += ['iifname "air" oifname != "p-router" drop', 'oifname "air" iifname != "p-router" drop']
+    if knobs.arp_offload:
+        rules.append(f'oifname "air" arp daddr ip != {NETWORKS[knobs.network].laptop_ip} drop')
     if knobs.ap_filter:
         rules.append(f'iifname "air" ether saddr != {knobs.station_mac} counter name "from_unassociated" drop')
         rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
@@ -534,8 +546,19 @@ table bridge {AP_TABLE} {{
   }}
 }}
 """)
+    _set_ap_proxy_arp(knobs)
     if STATE_DIR.exists():
         _save(knobs)
+
+
+def _set_ap_proxy_arp(knobs: Knobs) -> None:
+    """What hostapd's proxy_arp=1 does on the AP's bridge: the bridge answers ARP for the neighbour
+    entries it holds on the station's behalf (br_do_proxy_suppress_arp) instead of asking the station."""
+    ap = NETWORKS[knobs.network].ap
+    ap.ip("link", "set", "air", "type", "bridge_slave", "proxy_arp_wifi", "on" if knobs.ap_proxy_arp else "off")
+    ap.ip("neigh", "flush", "dev", "apbr", "nud", "permanent")
+    for ip in knobs.ap_proxy_arp:
+        ap.ip("neigh", "replace", ip, "lladdr", knobs.station_mac, "dev", "apbr", "nud", "permanent")
 
 
 def reassociate(mac: str) -> None:

@@ -52,15 +52,21 @@ def bpf_source_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "bpf"
 
 
+def kernel_headers() -> Path:
+    """The header tree bcc compiles against, /lib/modules/$(uname -r)/build."""
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        raise MacnatError(f"no kernel headers at {build}: install linux-headers-$(uname -r) "
+                          "(proxmox-headers-$(uname -r) on Proxmox VE), or run ./setup.sh")
+    return build
+
+
 def compile_datapath():
     """Compile bpf/macnat.c; the bcc BPF object with its maps created and programs not yet loaded
     (Datapath.from_bcc loads them)."""
     bcc = import_bcc()
     source = bpf_source_dir() / "macnat.c"
-    build = Path("/lib/modules") / os.uname().release / "build"
-    if not build.exists():
-        raise MacnatError(f"no kernel headers at {build}: install linux-headers-$(uname -r) "
-                          "(proxmox-headers-$(uname -r) on Proxmox VE), or run ./setup.sh")
+    build = kernel_headers()
     try:
         return bcc.BPF(src_file=str(source).encode(),
                        cflags=constants.cflags() + [f"-I{source.parent}"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
+from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP, NUD_PERMANENT
 
 from macnat.errors import MacnatError
 
@@ -133,3 +133,10 @@ def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:
 def fdb_static_macs(ipr: IPRoute, port: int) -> set[str]:
     return {msg.get("NDA_LLADDR") for msg in ipr.fdb("dump", ifindex=port)
             if msg["ifindex"] == port and msg["state"] & NUD_NOARP}
+
+
+def fdb_macs(ipr: IPRoute, port: int) -> set[str]:
+    """The MACs the bridge forwards to a port: learned and static entries (static ones move too when the
+    MAC shows up behind another port), not the port's own permanent addresses."""
+    return {msg.get("NDA_LLADDR") for msg in ipr.fdb("dump", ifindex=port)
+            if msg["ifindex"] == port and msg.get("NDA_MASTER") and not msg["state"] & NUD_PERMANENT}

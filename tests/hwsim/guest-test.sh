@@ -221,7 +221,35 @@ check "the station stayed associated through all of it: one association in hosta
     test "$(grep -c "AP-STA-CONNECTED $sta_mac" "$LOG/hostapd.log")" = 1
 check "macnat status names the network: '$SSID'" sh -c "$macnat status | grep -q \"on '$SSID'\""
 
-say "4. the laptop's day: the Wi-Fi flaps, is re-plugged, roams to another network with another MAC"
+say "4. macnat doctor on the real stack (nl80211: station, network, 4-address mode)"
+ap_mac=$(in_ns ns-ap cat /sys/class/net/wlan0/address)
+$macnat doctor wlan1 vmbr0 --json >"$LOG/doctor.json" 2>>"$LOG/checks.log"
+doctor_status=$?
+python3 - "$LOG/doctor.json" <<'EOF' | tee -a "$LOG/checks.log"
+import json, sys
+for f in json.load(open(sys.argv[1]))["findings"]:
+    print(f"  doctor: {f['verdict']:<8} {f['id']}: {f['found'][:150]}")
+EOF
+doctor_finding() { # id, python condition on the finding f (its details in d)
+    python3 -c "
+import json, sys
+(f,) = [f for f in json.load(open('$LOG/doctor.json'))['findings'] if f['id'] == sys.argv[1]]
+d = f['details']
+assert $2, f" "$1"
+}
+check "doctor exits 0 or 3 (no error; exit $doctor_status)" test "$doctor_status" = 0 -o "$doctor_status" = 3
+check "doctor: wlan1 is a Wi-Fi station" doctor_finding wifi-station "f['verdict'] == 'ok' and d['iftype'] == 'station'"
+check "doctor: associated with SSID $SSID, BSSID $ap_mac, 2412 MHz" doctor_finding wifi-associated \
+    "f['verdict'] == 'ok' and (d['ssid'], d['bssid'], d['frequency']) == ('$SSID', '$ap_mac', 2412)"
+check "doctor: mac80211_hwsim allows 4-address mode on a station (probed)" doctor_finding wifi-4addr \
+    "f['verdict'] == 'ok' and d['four_address'] == 'allowed'"
+check "doctor: the probe left no interface behind" sh -c '! ip -o link | grep -q " mn4a"'
+check "the manager names the network: wlan1 on '$SSID' ($ap_mac, 2412 MHz)" \
+    grep -qF "wlan1 on '$SSID' ($ap_mac, 2412 MHz)" "$LOG/macnat.log"
+check "  ... and the station stayed associated" associated
+
+
+say "5. the laptop's day: the Wi-Fi flaps, is re-plugged, roams to another network with another MAC"
 # From here on the VMs run dhcpcd, which asks for a lease again whenever its carrier comes back, as
 # a guest's network manager does; its state stays private to each VM (a mount namespace of its own).
 printf 'ipv4only\nnoipv4ll\noption subnet_mask, routers\n' >"$RUN/dhcpcd.conf"
@@ -287,7 +315,7 @@ check "roam: the new LAN's host reaches vm1 at $vm1 (${took:-never} s after vm1'
 check "roam: the new LAN sees vm1 at the station's new MAC" sh -c "ip netns exec ns-lan2 ip neigh show $vm1 | grep -q 'lladdr $new_mac'"
 check "roam: vm1 reaches the new LAN's host" ping_ok ns-vm1 $LAN2_HOST
 
-say "5. detach"
+say "6. detach"
 kill "$manager_pid"
 wait "$manager_pid"
 status=$?

@@ -31,7 +31,6 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 RECEIVE_BUFFER = 4 << 20   # bursts (a bridge re-created with many ports) must not overflow it
 NLMSG_HEADER = struct.Struct("=IHHII")
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 
 
 class NetlinkSource:
@@ -176,81 +175,3 @@ class Signals:
         os.close(self.read_fd)
         os.close(self.write_fd)
 
-
-class Nl80211Query:
-    """Requests to nl80211 over a socket of our own, messages built and decoded by pyroute2 (its sync
-    IW.get_associated_bss() never awaits the dump it starts, and returns nothing)."""
-
-    def __init__(self):
-        from pyroute2 import NL80211
-
-        with NL80211() as resolver:
-            resolver.bind()
-            self.family = resolver.prid
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
-        self.sock.settimeout(2)
-        self.sock.bind((0, 0))
-        self.sequence = 0
-
-    def request(self, command: str, attrs: list, dump: bool = False) -> list:
-        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, nl80211
-
-        self.sequence += 1
-        msg = nl80211cmd()
-        msg["cmd"] = getattr(nl80211, command)
-        msg["version"] = 1
-        msg["attrs"] = attrs
-        msg["header"]["type"] = self.family
-        msg["header"]["flags"] = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-        msg["header"]["sequence_number"] = self.sequence
-        msg.encode()
-        self.sock.send(msg.data)
-        replies = []
-        while True:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + NLMSG_HEADER.size <= len(data):
-                length, kind = NLMSG_HEADER.unpack_from(data, offset)[:2]
-                if length < NLMSG_HEADER.size:
-                    return replies
-                if kind == NLMSG_DONE:
-                    return replies
-                if kind == NLMSG_ERROR:
-                    code = struct.unpack_from("=i", data, offset + NLMSG_HEADER.size)[0]
-                    if code:
-                        raise OSError(-code, os.strerror(-code))
-                    return replies
-                if kind == self.family:
-                    reply = nl80211cmd(data[offset:offset + length])
-                    reply.decode()
-                    replies.append(reply)
-                offset += (length + 3) & ~3
-            if not dump:
-                return replies
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def nl80211_station(index: int) -> dict:
-    """SSID, BSSID and frequency of the network the station `index` is associated with ({} if none)."""
-    from pyroute2.netlink.nl80211 import BSS_STATUS_NAMES
-
-    found: dict = {}
-    query = Nl80211Query()
-    try:
-        for msg in query.request("NL80211_CMD_GET_INTERFACE", [["NL80211_ATTR_IFINDEX", index]]):
-            ssid = msg.get_attr("NL80211_ATTR_SSID")
-            if ssid:
-                found["ssid"] = ssid.decode(errors="replace") if isinstance(ssid, bytes) else str(ssid)
-        for msg in query.request("NL80211_CMD_GET_SCAN", [["NL80211_ATTR_IFINDEX", index]], dump=True):
-            bss = msg.get_attr("NL80211_ATTR_BSS")
-            if bss is not None and bss.get_attr("NL80211_BSS_STATUS") == BSS_STATUS_NAMES["associated"]:
-                found["bssid"] = bss.get_attr("NL80211_BSS_BSSID")
-                found["frequency"] = bss.get_attr("NL80211_BSS_FREQUENCY")
-                elements = bss.get_attr("NL80211_BSS_INFORMATION_ELEMENTS") or {}
-                if elements.get("SSID") and "ssid" not in found:  # the AP's beacon says it too
-                    found["ssid"] = elements["SSID"].decode(errors="replace")
-    finally:
-        query.close()
-    return found

@@ -11,8 +11,8 @@ import logging
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.duties import Duty
-from macnat.manager.sources import nl80211_station
 from macnat.manager.state import Association
+from macnat.nl80211 import station_network
 
 log = logging.getLogger("macnat")
 
@@ -44,7 +44,7 @@ class WifiIdentity(Duty):
     @staticmethod
     def refresh(state, verb: str) -> None:
         try:
-            found = nl80211_station(state.wifi.index)
+            found = station_network(state.wifi.index)
         except Exception as exc:  # no nl80211 (not a Wi-Fi device, or no cfg80211 at all)
             log.debug("no nl80211 station information for %s: %s", state.wifi_name, exc)
             return
