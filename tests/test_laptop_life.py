@@ -297,3 +297,25 @@ def test_new_network_runs_the_hook_for_qemu_taps(tmp_path, fake_tools, hook, por
         proc.terminate()
         proc.wait(10)
         lab.down()
+
+
+def test_a_wired_uplink_in_the_bridge_makes_macnat_step_aside(day):
+    """Docked: the laptop's Ethernet in vmbr0 (an ifb device here, this kernel has no dummy; up, it has
+    a carrier as a plugged cable has). Two ways to the LAN would loop through the AP, so macnat steps
+    aside while it forwards and takes over again when the cable is out or the port leaves the bridge."""
+    manager, leases = day
+    ns = lab.LAPTOP.ns
+    ns.ip("link", "add", "eno1", "type", "ifb")
+    ns.ip("link", "set", "eno1", "master", lab.BRIDGE, "up")
+    assert wait_for(lambda: status()["state"] == "stepped aside for eno1", timeout=3), status()
+    assert "state DOWN" in ns.ip("link", "show", UPLINK)
+    assert "vmbr0 has a wired uplink (eno1): macnat steps aside" in manager.text()
+    ns.ip("link", "set", "eno1", "down")  # the cable pulled: no carrier
+    assert wait_for(lambda: status()["state"] == "attached", timeout=3), status()
+    assert reachable(lab.LANHOST.ns, leases["vm1"], timeout=5) is not None
+    ns.ip("link", "set", "eno1", "up")
+    assert wait_for(lambda: status()["state"].startswith("stepped aside"), timeout=3)
+    ns.ip("link", "del", "eno1")  # undocked
+    assert wait_for(lambda: status()["state"] == "attached", timeout=3)
+    assert reachable(lab.LANHOST.ns, leases["vm1"], timeout=5) is not None and ping(VM2.ns, lab.LANHOST.ip)
+    assert "the VMs are on the LAN through the Wi-Fi again" in manager.text()

@@ -42,6 +42,7 @@ class State:
     association: Association = field(default_factory=Association)
     network: object | None = None   # the current network (macnat.manager.duties.network_change.Network)
     host_addresses: dict[str, str] = field(default_factory=dict)  # this host's addresses -> interface
+    stepped_aside: str | None = None  # the bridge's wired uplinks while macnat steps aside for them
     bindings: int = 0               # table sizes as of the last sweep, for status lines and metrics
     vms: int = 0
     binding_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (family, kind) -> bindings
@@ -71,6 +72,8 @@ class State:
             return f"waiting for {self.wifi_name}"
         if self.bridge is None:
             return f"waiting for {self.settings.bridge}"
+        if self.stepped_aside:
+            return f"stepped aside for {self.stepped_aside}"
         if not self.attached:
             return "repairing the uplink"
         return "attached"

@@ -47,11 +47,12 @@ class Periodic(Duty):
 
 def all_duties() -> list[Duty]:
     """Every duty, in the order each event reaches them (the plumbing first: the others need its links)."""
-    from macnat.manager.duties import (ageing, bindings_log, host_addresses, lan_fdb, metrics, network_change, notify,
-                                       plumbing, refusals, statics, status_file, wifi_identity)
+    from macnat.manager.duties import (ageing, bindings_log, docking, host_addresses, lan_fdb, metrics, network_change,
+                                       notify, plumbing, refusals, statics, status_file, wifi_identity)
 
     return [
         plumbing.Plumbing(),
+        docking.Docking(),
         host_addresses.HostAddresses(),
         bindings_log.BindingsLog(),   # before the statics: it reads what an earlier manager left
         statics.Statics(),

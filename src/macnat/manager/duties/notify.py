@@ -58,7 +58,7 @@ class Notify(Duty):
     def update(self, state) -> None:
         status = state.summary()
         messages = []
-        if not self.ready and state.attached:
+        if not self.ready and (state.attached or state.stepped_aside):  # stepped aside is doing its job too
             self.ready = True
             messages.append("READY=1")
         if status != self.status:

@@ -165,11 +165,12 @@ class Plumbing(Duty):
                     event("uplink_repaired", f"put {port_name} back into {bridge_name} (it had been taken out{why})",
                           level=logging.WARNING, uplink=port_name, bridge=bridge_name, repair="re-enslaved")
                     ready = True
-            if not uplink.up:
+            if not uplink.up and state.stepped_aside is None:
                 plumbing.set_up(ipr, uplink)
         uplink = netlink.link(ipr, port_name)
-        if config.bridge_ifindex != bridge.index or config.uplink_ifindex != uplink.index:
-            plumbing.update_config(maps, bridge_ifindex=bridge.index, uplink_ifindex=uplink.index)
+        bridge_ifindex = 0 if state.stepped_aside else bridge.index  # see duties.docking
+        if config.bridge_ifindex != bridge_ifindex or config.uplink_ifindex != uplink.index:
+            plumbing.update_config(maps, bridge_ifindex=bridge_ifindex, uplink_ifindex=uplink.index)
         state.bridge, state.uplink = bridge, uplink
         if ready:
             netlink.fdb_set(ipr, uplink.index, mac_str(maps.current_config().wifi_mac))
