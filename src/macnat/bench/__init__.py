@@ -19,6 +19,7 @@ import re
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def running_cost(plan: Plan, workdir: Path) -> dict:
             lab.macnat("detach", lab.LAPTOP.ifname)
             cli_detach.append(time.monotonic() - began)
             proc.wait(10)
+    adopt = adoption(plan, workdir)
     # Where attach's time goes: the compile alone, in this process.
     from macnat import loader
 
@@ -198,7 +200,32 @@ def running_cost(plan: Plan, workdir: Path) -> dict:
     med = statistics.median
     return {"attached_s": med(attached), "managing_s": med(managing), "rss_mb": med(rss),
             "sigterm_detach_s": med(stop) if stop else None, "cli_detach_s": med(cli_detach) if cli_detach else None,
-            "compile_s": compile_s, "cli_start_s": cli_start_s, "samples": plan.attaches}
+            "compile_s": compile_s, "cli_start_s": cli_start_s, "samples": plan.attaches, **adopt}
+
+
+def adoption(plan: Plan, workdir: Path) -> dict:
+    """A manager killed and started again (systemd's Restart=on-failure): how long until the new one
+    manages, and whether it compiled (it should adopt the running datapath, not load another). The
+    datapath forwards throughout: a continuous ping counts what was lost."""
+    first = lab.RunningManager(log=workdir / "adopt-0.log")
+    ip = setups.vm_address("vm1")
+    setups.set_vm_addresses(setups.VM_PREFIX, lab.GATEWAY)
+    traffic.wait_reachable(lab.VMS["vm1"].ns, lab.LANHOST.ip)
+    times, lost, compiled = [], 0, 0
+    for i in range(plan.attaches):
+        pinger = lab.LANHOST.ns.spawn("ping", "-n", "-q", "-i", "0.01", "-w", "4", ip, log=workdir / f"adopt-ping-{i}.log")
+        time.sleep(0.5)
+        first.stop(signal.SIGKILL)
+        log = workdir / f"adopt-{i + 1}.log"
+        began = time.monotonic()
+        first = lab.RunningManager(log=log)
+        times.append(time.monotonic() - began)
+        compiled += "attached to" in log.read_text()
+        pinger.wait(10)
+        summary = re.search(r"(\d+) packets transmitted, (\d+) received", (workdir / f"adopt-ping-{i}.log").read_text())
+        lost += int(summary.group(1)) - int(summary.group(2))
+    first.stop()
+    return {"adopt_s": statistics.median(times), "adopt_compiled": compiled, "adopt_lost": lost}
 
 
 def machine() -> dict:

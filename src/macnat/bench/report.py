@@ -163,6 +163,9 @@ def render(r: dict, plot_name: str) -> str:
         f"| `macnat attach` until the manager runs | {run['managing_s']:.2f} s | | |",
         f"| manager resident memory (steady state) | {run['rss_mb']:.1f} MB | <= {bench.TARGET_RSS_MB:g} MB | "
         f"{verdict(run['rss_mb'] <= bench.TARGET_RSS_MB)} |",
+        f"| a manager killed and started again, until it manages (adopting: compiled {run['adopt_compiled']} "
+        f"times, {run['adopt_lost']} pings lost meanwhile) | {run['adopt_s']:.2f} s | no compile, 0 lost | "
+        f"{verdict(run['adopt_compiled'] == 0 and run['adopt_lost'] == 0)} |",
     ]
     if run["sigterm_detach_s"] is not None:
         out.append(f"| detach: SIGTERM until everything is removed | {run['sigterm_detach_s']:.3f} s | "
