@@ -70,7 +70,7 @@ SENDER = textwrap.dedent("""
 def heard(receiver, sender, group: str, port: int, family: str, text: str, tmp_path) -> bool:
     """Whether a datagram `sender` sends to the group reaches a socket that joined it in `receiver`."""
     log = tmp_path / f"listen-{receiver.ns.name}-{port}-{family}.log"
-    listener = receiver.ns.spawn(sys.executable, "-c", LISTENER, group, str(port), receiver.ifname, family, "4", log=log)
+    listener = receiver.ns.spawn(sys.executable, "-c", LISTENER, group, str(port), receiver.ifname, family, "1.5", log=log)
     try:
         assert wait_for(lambda: "joined" in log.read_text(), timeout=5)
         time.sleep(0.3)  # the join's report
