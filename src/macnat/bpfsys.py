@@ -1,5 +1,5 @@
-"""The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements and
-BPF_PROG_TEST_RUN.
+"""The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements,
+BPF_PROG_TEST_RUN, and a reader of BPF ring buffers (mmap of the map's fd, as libbpf's ring_buffer does).
 
 The manager and the read-only commands use these instead of bcc, so they never load LLVM: a program
 or map is found by the ID the kernel reports for an attached filter, which works from any mount
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -30,6 +33,8 @@ BPF_NOEXIST = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_RINGBUF = 27
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -192,3 +197,49 @@ def map_next_key(fd: int, key, next_key) -> bool:
     """Fill next_key with the key after `key` (or the first key when key is None); False at the end."""
     return _found(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd, key=ctypes.addressof(key) if key is not None else 0,
                                                      value=ctypes.addressof(next_key)))
+
+
+class RingBuffer:
+    """The consumer side of a BPF_MAP_TYPE_RINGBUF map, without libbpf or bcc.
+
+    The kernel's layout (kernel/bpf/ringbuf.c): page 0 holds the consumer position, which user space
+    writes; page 1 the producer position; the data area follows, mapped twice in a row so that a
+    record that wraps around is contiguous. Each record has an 8-byte header: its length, with a busy
+    bit while the producer is still writing it and a discard bit for a record given up, then the
+    record, padded to 8 bytes. Positions only grow; the data area's size is a power of two.
+    """
+
+    BUSY_BIT = 1 << 31
+    DISCARD_BIT = 1 << 30
+    HEADER_SIZE = 8
+
+    def __init__(self, fd: int):
+        info = map_info(fd)
+        if info.type != BPF_MAP_TYPE_RINGBUF:
+            raise BpfError(errno.EINVAL, f"map {info.name.decode()} is not a ring buffer")
+        page = mmap.PAGESIZE
+        self.size = info.max_entries
+        self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._data = page  # where the data area starts in the producer mapping
+
+    def records(self) -> Iterator[bytes]:
+        """Every record committed so far, oldest first; each is consumed as it is yielded."""
+        consumer = struct.unpack_from("=Q", self._consumer, 0)[0]
+        producer = struct.unpack_from("=Q", self._producer, 0)[0]
+        while consumer < producer:
+            offset = self._data + (consumer & (self.size - 1))
+            header = struct.unpack_from("=I", self._producer, offset)[0]
+            if header & self.BUSY_BIT:
+                break  # the producer is still writing it: the next read gets it
+            length = header & ~(self.BUSY_BIT | self.DISCARD_BIT)
+            record = None if header & self.DISCARD_BIT else \
+                self._producer[offset + self.HEADER_SIZE:offset + self.HEADER_SIZE + length]
+            consumer += (self.HEADER_SIZE + length + 7) & ~7
+            struct.pack_into("=Q", self._consumer, 0, consumer)
+            if record is not None:
+                yield record
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
