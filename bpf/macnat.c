@@ -287,16 +287,19 @@ static __always_inline void emit(struct macnat_config *cfg, __u16 kind, __u32 po
     if (!state)
         return;
     __u64 limit = cfg->events_per_port ? cfg->events_per_port : MACNAT_PORT_EVENTS_PER_SECOND;
+    int learning = kind == MACNAT_CNT_LEARNED_MAC || kind == MACNAT_CNT_LEARNED_IP || kind == MACNAT_CNT_MOVED_IP;
     if (now - state->window_start_ns >= NS_PER_S) {
         state->window_start_ns = now;
-        state->window_events = 0;
+        state->window_events[0] = 0;
+        state->window_events[1] = 0;
     }
-    if (state->window_events >= limit) {
+    __u64 *sent = &state->window_events[learning ? 0 : 1];
+    if (*sent >= limit) {
         __sync_fetch_and_add(&state->events_suppressed, 1);
         count(MACNAT_CNT_EVENTS_SUPPRESSED);
         return;
     }
-    __sync_fetch_and_add(&state->window_events, 1);
+    __sync_fetch_and_add(sent, 1);
     struct event *ev = events.ringbuf_reserve(sizeof(struct event));
     if (!ev) {
         count(MACNAT_CNT_EVENTS_LOST);

@@ -117,7 +117,8 @@ struct port_counts {
 struct port_state {
     struct port_counts learned;
     __u64 window_start_ns;  /* the event rate limit's current one-second window */
-    __u64 window_events;
+    __u64 window_events[2]; /* sent in it: learning events, the others (each class has the limit: a port
+                             * learning at its rate still reports its refusals) */
     __u64 events_suppressed;  /* in total, for the manager to tell how many it missed */
 };
 

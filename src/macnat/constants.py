@@ -63,7 +63,7 @@ PORT_MAX_MACS = 32
 PORT_MAX_IPV4 = 64
 PORT_MAX_IPV6 = 128
 PORT_MAX_DHCP_REQUESTS = 16
-PORT_EVENTS_PER_SECOND = 20   # events a port may send the manager per second (config: events_per_port)
+PORT_EVENTS_PER_SECOND = 20   # learning events, and as many others, a port may send the manager per second
 # What each port's learned/released counts count, by index (struct port_counts in bpf/macnat.h).
 PORT_COUNTS = ("macs", "ipv4", "ipv6", "dhcp_requests")
 

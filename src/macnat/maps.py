@@ -79,7 +79,7 @@ class PortCounts(ctypes.Structure):
 
 
 class PortState(ctypes.Structure):
-    _fields_ = [("learned", PortCounts), ("window_start_ns", u64), ("window_events", u64),
+    _fields_ = [("learned", PortCounts), ("window_start_ns", u64), ("window_events", u64 * 2),
                 ("events_suppressed", u64)]
 
 

@@ -1,9 +1,11 @@
-"""Netlink through pyroute2: the interfaces macnat works with, the host's own addresses, bridge FDB
-entries, and a watcher that says when addresses or links changed."""
+"""Netlink through pyroute2: the interfaces macnat works with, the host's own addresses, the Wi-Fi's
+on-link prefixes and gateways, bridge FDB entries, and a watcher that says when addresses or links
+changed."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import select
 import socket
@@ -17,6 +19,9 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
 from macnat.errors import MacnatError
 
 RT_SCOPE_LINK = 253
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,38 @@ def interface_address(ipr: IPRoute, index: int, family: int, link_local: bool = 
         if family == socket.AF_INET or (msg["scope"] == RT_SCOPE_LINK) == link_local:
             return _address(msg)
     return None
+
+
+def bridge_ports(ipr: IPRoute, bridge: int) -> set[int]:
+    """The ifindexes of a bridge's ports."""
+    return {lk.index for lk in links(ipr) if lk.master == bridge}
+
+
+def onlink_prefixes(ipr: IPRoute, index: int) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The prefixes on the link of an interface: those of its addresses, and its routes without a
+    gateway in the main table (an on-link prefix from an RA, a `default dev wlan0`)."""
+    found = {ipaddress.ip_interface(f"{_address(msg)}/{msg['prefixlen']}").network for msg in ipr.get_addr(index=index)}
+    for family, any_address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if msg["type"] == RTN_UNICAST and msg.get("RTA_OIF") == index and not msg.get("RTA_GATEWAY") \
+                    and not msg.get("RTA_MULTIPATH"):
+                found.add(ipaddress.ip_network(f"{msg.get('RTA_DST') or any_address}/{msg['dst_len']}"))
+    return found
+
+
+def gateways(ipr: IPRoute, index: int) -> dict[str, str | None]:
+    """The default gateways through an interface (main table) -> their MAC in the neighbour table, if known."""
+    found: dict[str, str | None] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if msg["dst_len"] == 0 and msg.get("RTA_OIF") == index and msg.get("RTA_GATEWAY"):
+                found[msg.get("RTA_GATEWAY")] = None
+    if found:
+        for msg in ipr.get_neighbours(ifindex=index):
+            dst = msg.get("NDA_DST")
+            if dst in found and msg.get("NDA_LLADDR") and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
+                found[dst] = msg.get("NDA_LLADDR")
+    return found
 
 
 def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
