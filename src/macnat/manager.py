@@ -76,10 +76,13 @@ class ProbeSource:
     ipv6: bytes | None    # wlan0's link-local address; no IPv6 probes without one
 
 
+CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; Python's time module does not name it
+
+
 def monotonic_ns() -> int:
     """The clock of bpf_ktime_get_coarse_ns(), which stamps last_seen_ns (the coarse one: a frame seen
     just after this call never carries an earlier stamp)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 def arp_request(dst_mac: bytes, src_mac: bytes, sender_ip: bytes, target_ip: bytes) -> bytes:
