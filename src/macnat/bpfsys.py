@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import platform
@@ -94,11 +95,13 @@ class BpfError(OSError):
     pass
 
 
+_NR = _NR_BPF.get(platform.machine())
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    if _NR is None:
         raise BpfError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
-    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(_NR, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
@@ -134,8 +137,9 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """Per-CPU maps hold one value per possible CPU (not online CPU)."""
+    """Per-CPU maps hold one value per possible CPU (not online CPU); fixed while the system runs."""
     count = 0
     with open("/sys/devices/system/cpu/possible") as f:
         for part in f.read().strip().split(","):

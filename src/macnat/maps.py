@@ -198,12 +198,13 @@ class Map:
                 yield key, value
 
     def clear(self) -> None:
-        """Remove every element; an array's elements cannot go, so they become zero."""
+        """Remove every element; an array's elements cannot go, so those that are not zero become zero."""
+        zero = bytes(self._value_buffer())
         for key in list(self.keys()):
-            if self.array:
-                self.update(key, self._value_buffer())
-            else:
+            if not self.array:
                 self.delete(key)
+            elif bytes(self.lookup(key)) != zero:
+                self.update(key, self._value_buffer())
 
 
 @dataclass
