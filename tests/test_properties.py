@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from macnat import constants, fuzz, netns
 from macnat.harness import TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
-from macnat.maps import ip_key
+from macnat.maps import ip_key, mac_bytes
+from scapy.layers.inet6 import ICMPv6NDOptSrcLLAddr
 
 EXAMPLES_PER_PROGRAM = 3000  # about 20 s each on the development machine: a minute in all
 
@@ -53,21 +54,29 @@ def test_no_hostile_frame_breaks_an_invariant(fuzzer, program, data):
 
 
 def test_the_checks_catch_what_they_must(fuzzer):
-    """The invariants are not vacuous: a changed byte, a broken checksum, a table changed by a dropped
-    frame and a forbidden binding are each reported."""
+    """The invariants are not vacuous: a VM's MAC left in, a changed byte, a broken checksum, a table
+    changed by a dropped frame and a forbidden binding are each reported."""
     case = fuzz.Case("uplink_egress", VM_PORT, bytes(fuzz.Ether(src=fuzz.VM_MAC, dst=fuzz.LAN_MAC)
                      / fuzz.IP(src=fuzz.VM_IP, dst=fuzz.LAN_IP) / fuzz.UDP(sport=68, dport=67) / fuzz.Raw(b"x" * 240)))
     tables = {name: {} for name in (*fuzz.TABLES, "learned")}
     check = lambda retval, out, after=tables: fuzz.violations(case, retval, out, tables, after, True, 0,
                                                               fuzzer.forbidden)
-    assert check(TC_ACT_REDIRECT, case.frame) == []
-    ttl = bytearray(case.frame)
+    sent = case.frame[:6] + bytes(mac_bytes(fuzz.WIFI_MAC)) + case.frame[12:]  # as macnat sends it
+    assert check(TC_ACT_REDIRECT, sent) == []
+    assert check(TC_ACT_REDIRECT, case.frame) == ["a VM's MAC sent to the LAN at [6]"]
+    ttl = bytearray(sent)
     ttl[22] ^= 1
     assert "bytes changed that macnat must not change: [22]" in check(TC_ACT_REDIRECT, bytes(ttl))[0]
-    flags = bytearray(case.frame)
+    flags = bytearray(sent)
     flags[14 + 20 + 8 + 10] ^= 0x80  # the BOOTP flag, without the checksum update
     assert check(TC_ACT_REDIRECT, bytes(flags)) == ["checksum over 34..282 broken"]
     learned = {**tables, "bindings": {bytes(ip_key("127.0.0.1")): b""}}
     assert check(TC_ACT_SHOT, case.frame, learned) == ["tables changed by a dropped frame: ['bindings']",
                                                        "a binding for 127.0.0.1"]
-    assert check(7, case.frame[:-1]) == [f"length {len(case.frame)} -> {len(case.frame) - 1}"]
+    assert check(7, sent[:-1]) == [f"length {len(case.frame)} -> {len(case.frame) - 1}"]
+    ns = fuzz.Case("uplink_egress", VM_PORT, bytes(
+        fuzz.Ether(src=fuzz.VM_MAC, dst="33:33:ff:00:00:20") / fuzz.IPv6(src=fuzz.VM_IP6, dst="ff02::1:ff00:20")
+        / fuzz.ICMPv6ND_NS(tgt=fuzz.LAN_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=fuzz.VM_MAC)))
+    untranslated = bytes(mac_bytes(fuzz.WIFI_MAC)).join([ns.frame[:6], ns.frame[12:]])  # source done, option not
+    assert fuzz.violations(ns, TC_ACT_REDIRECT, untranslated, tables, tables, True, 0, fuzzer.forbidden) == \
+        [f"a VM's MAC sent to the LAN at [{14 + 40 + 24 + 2}]"]

@@ -13,6 +13,8 @@ pending), and is checked for:
 - the same length out as in;
 - only the bytes macnat may change changed: Ethernet addresses, ARP sha/tha, NDP link-layer option
   payloads and the ICMPv6 checksum, the BOOTP flags and the UDP checksum;
+- no VM's MAC left where a receiver on the LAN reads a MAC (Ethernet source, ARP sha/tha, NDP
+  link-layer options) in a frame sent out to Wi-Fi;
 - an L4 checksum that was valid before still valid after;
 - no binding for a non-unicast, host, reserved, off-link or foreign-family address;
 - no table changed by a frame that was dropped.
@@ -308,6 +310,7 @@ class Layout:
 
     mutable: set[int] = field(default_factory=lambda: set(range(12)))
     checksums: list[tuple[bytes, int, int]] = field(default_factory=list)  # (pseudo-header, start, end)
+    macs: list[int] = field(default_factory=lambda: [6])  # where a receiver reads a MAC (the sender's, ...)
 
 
 def layout(frame: bytes) -> Layout:
@@ -317,6 +320,7 @@ def layout(frame: bytes) -> Layout:
     ethertype = struct.unpack("!H", frame[12:14])[0]
     if ethertype == 0x0806:
         out.mutable |= set(range(22, 28)) | set(range(32, 38))
+        out.macs += [22, 32]
     elif ethertype == 0x0800 and len(frame) >= 34:
         ihl = (frame[14] & 0xF) * 4
         total = struct.unpack("!H", frame[16:18])[0]
@@ -351,6 +355,8 @@ def layout(frame: bytes) -> Layout:
             while option + 2 <= end and frame[option + 1]:
                 if frame[option] in (1, 2):
                     out.mutable |= set(range(option + 2, min(option + 8, end)))
+                    if frame[option + 1] == 1 and option + 8 <= end:
+                        out.macs.append(option + 2)
                 option += frame[option + 1] * 8
     return out
 
@@ -391,6 +397,12 @@ def violations(case: Case, retval: int, out: bytes, before: dict, after: dict, o
                forbidden: set[bytes]) -> list[str]:
     """What the frame's run did that macnat must never do (empty: nothing)."""
     found = []
+    wifi = bytes(mac_bytes(WIFI_MAC))
+    if case.program == "uplink_egress" and retval == TC_ACT_REDIRECT and out[:6] != wifi:  # out to the LAN
+        vms = {key[:6] for key in after["vm_macs"]} | {case.frame[6:12]}
+        leaked = [at for at in layout(out).macs if out[at:at + 6] in vms]
+        if leaked:
+            found.append(f"a VM's MAC sent to the LAN at {leaked}")
     if retval not in VERDICTS or retval is None:
         found.append(f"return code {retval}")
     if len(out) != len(case.frame):
@@ -456,6 +468,7 @@ class Report:
     seconds: float
     violations: int
     per_program: dict[str, dict] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # what the frames made the datapath count
     examples: list[dict] = field(default_factory=list)
 
 
@@ -468,6 +481,7 @@ def run(frames_per_program: int, seed: int = 1, fresh_every: int = 50, say=print
     h = Harness(f"{netns.PREFIX}fuzz", WIFI_MAC)
     report = Report(frames_per_program, seed, 0.0, 0)
     began = time.monotonic()
+    counted = h.maps.counter_totals()
     try:
         for n, program in enumerate(constants.PROGRAMS):
             fuzzer = Fuzzer(h, onlink=True, fresh_every=fresh_every)
@@ -490,6 +504,7 @@ def run(frames_per_program: int, seed: int = 1, fresh_every: int = 50, say=print
                         f"{time.monotonic() - started:.0f} s")
             report.per_program[program] = {"frames": frames_per_program, **verdicts,
                                            "seconds": round(time.monotonic() - started, 1)}
+        report.counters = {k: v - counted[k] for k, v in h.maps.counter_totals().items() if v != counted[k]}
     finally:
         h.close()
     report.seconds = round(time.monotonic() - began, 1)

@@ -64,7 +64,8 @@ VMS = {
     "vm1": Host(Namespace(PREFIX + "vm1"), "eth0", "52:54:00:00:01:01", None),
     "vm2": Host(Namespace(PREFIX + "vm2"), "eth0", "52:54:00:00:01:02", None),
 }
-VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}
+VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}  # kept current by plug_vm, replug_vm and add_vm
+STANDARD_VMS, STANDARD_PORTS = dict(VMS), dict(VM_PORTS)
 
 
 @dataclass
@@ -129,10 +130,7 @@ def _build(knobs: Knobs) -> None:
                  "forward_delay", "0", "stp_state", "0")
     LAPTOP.ns.ip("link", "set", BRIDGE, "up")
     for name, vm in VMS.items():
-        port = VM_PORTS[name]
-        _veth(LAPTOP.ns, port, vm.ns, vm.ifname, vm.mac)
-        LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
-        vm.ns.ip("link", "set", vm.ifname, "up")
+        plug_vm(name, VM_PORTS[name])
 
     _write_dhclient_files()
     _start_dnsmasq(knobs)
@@ -177,6 +175,39 @@ case "$reason" in
 esac
 exit 0
 """
+
+
+def plug_vm(name: str, port: str) -> None:
+    """Connect a VM's eth0 to the bridge through a new port (a veth pair, the port's end in the laptop)."""
+    vm = VMS[name]
+    _veth(LAPTOP.ns, port, vm.ns, vm.ifname, vm.mac)
+    LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
+    vm.ns.ip("link", "set", vm.ifname, "up")
+    VM_PORTS[name] = port
+
+
+def replug_vm(name: str, port: str) -> None:
+    """The VM comes back on another bridge port, with the same MAC, as a restarted VM gets a new tap."""
+    LAPTOP.ns.ip("link", "del", VM_PORTS[name])  # its peer, the VM's eth0, goes with it
+    plug_vm(name, port)
+
+
+def add_vm(name: str, mac: str, port: str) -> Host:
+    """One more VM on the bridge, as if it had just started (`remove_vm` or `down` removes it)."""
+    vm = Host(Namespace(PREFIX + name), "eth0", mac, None)
+    Namespace.create(vm.ns.name)
+    if not (knobs() or Knobs()).ipv6:
+        vm.ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+    VMS[name] = vm
+    plug_vm(name, port)
+    return vm
+
+
+def remove_vm(name: str) -> None:
+    """Remove a VM that add_vm made: its DHCP client, namespace and bridge port."""
+    release(name)
+    LAPTOP.ns.run("ip", "link", "del", VM_PORTS.pop(name), check=False)
+    VMS.pop(name).ns.delete()
 
 
 def _write_dhclient_files() -> None:
@@ -340,6 +371,9 @@ def down() -> None:
     for ns in namespaces():
         if ns.name in present:
             ns.delete()
+    for table, standard in ((VMS, STANDARD_VMS), (VM_PORTS, STANDARD_PORTS)):  # add_vm's VMs go with the lab
+        table.clear()
+        table.update(standard)
     for name in present:  # leftovers of an older lab layout
         if name.startswith(PREFIX):
             Namespace(name).delete()

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from macnat import attachment, constants, netlink
 from macnat.attachment import Attachment
@@ -268,6 +269,31 @@ class GatewayPins:
             table.update(key, value)
 
 
+class VmFdb:
+    """Each VM MAC in the bridge's FDB, static and sticky, on the port the datapath saw it on. The
+    datapath drops a VM's frame with another's MAC (a VM's, the host's, the gateway's) at the uplink,
+    but the bridge has learned from it by then: without a sticky entry the MAC's traffic would go to
+    the impostor's port. An entry goes when its MAC leaves vm_macs (its port's entries go with the port)."""
+
+    def __init__(self, ipr: IPRoute, maps: Maps):
+        self.ipr, self.maps = ipr, maps
+        self.installed: dict[str, int] = {}  # mac -> port
+
+    def sync(self) -> None:
+        wanted = {mac_str(key.addr): vm.port for key, vm in self.maps.vm_macs.items() if vm.port}
+        for mac, port in wanted.items():
+            if self.installed.get(mac) != port:
+                try:
+                    netlink.fdb_set(self.ipr, port, mac)
+                except NetlinkError as exc:  # the port went away meanwhile
+                    log.debug("no FDB entry for %s on port %d: %s", mac, port, exc)
+                    wanted[mac] = None
+        for mac, port in self.installed.items():
+            if port and wanted.get(mac) != port:
+                netlink.fdb_del(self.ipr, port, mac)
+        self.installed = {mac: port for mac, port in wanted.items() if port}
+
+
 def age_lan_addresses(maps: Maps, now_ns: int, age_ns: float) -> None:
     """LAN addresses not seen for `age_ns` go (a VM may then claim them); pinned ones stay."""
     for key, seen in maps.lan_addrs.items():
@@ -343,16 +369,17 @@ WHY_REFUSED = {
 
 class SecurityLog:
     """Log lines from the datapath's events, rate-limited: the first event of a kind from an offender
-    (a port, a MAC) is logged at once, the others of the same interval only counted and summarised in
-    one line when SECURITY_LOG_INTERVAL_S is over; events the datapath suppressed (its per-port rate
-    limit) are summarised per port. Learning events are left to the table diff (age_bindings)."""
+    (a VM's bridge port, whatever MACs it forges; on the LAN side, a MAC) is logged at once, the others
+    of the same interval only counted and summarised in one line when SECURITY_LOG_INTERVAL_S is over;
+    events the datapath suppressed (its per-port rate limit) are summarised per port. Learning events
+    are left to the table diff (age_bindings)."""
 
     QUIET = {"learned_mac", "learned_ip", "moved_ip"}
 
     def __init__(self, maps: Maps, port_name, host_addrs, interval_s: float = SECURITY_LOG_INTERVAL_S):
         self.maps, self.port_name, self.host_addrs = maps, port_name, host_addrs
         self.interval_ns = interval_s * 1e9
-        self.window: dict[tuple, list] = {}           # (port, mac, kind) -> [first_ns, more, last line]
+        self.window: dict[tuple, list] = {}           # offender and kind -> [first_ns, more, first line]
         self.suppressed: dict[int, int] = {}          # port -> its events_suppressed, as last reported
 
     def drain(self, now_ns: int) -> None:
@@ -361,7 +388,7 @@ class SecurityLog:
             kind = event.kind_name
             if kind in self.QUIET:
                 continue
-            key = (event.port, bytes(event.mac), kind)
+            key = (event.port, kind) if event.port else (0, kind, bytes(event.mac))
             if key in self.window:
                 self.window[key][1] += 1
                 continue
@@ -420,6 +447,7 @@ class Manager:
         self.probe_socket.bind((attachment.bridge.name, 0))
         self.port_names: dict[int, str] = {}
         self.gateway_pins = GatewayPins(self.maps)
+        self.vm_fdb = VmFdb(self.ipr, self.maps)
         self.claims = ClaimProbes(self.maps, lambda ip, binding: self.probe(ip, binding, self.probe_source()))
         self.security_log = SecurityLog(self.maps, self.port_name, lambda: self.host_addrs)
 
@@ -458,7 +486,8 @@ class Manager:
         """Release the MACs and bindings of bridge ports that went away (release_gone_ports), then
         (re)install the static bindings."""
         present = netlink.bridge_ports(self.ipr, self.attachment.bridge.index)
-        for port, macs in release_gone_ports(self.maps, present).items():
+        self.port_names.update(present)  # a port's name is known once it is gone
+        for port, macs in release_gone_ports(self.maps, set(present)).items():
             log.info("%s is gone: released its MACs %s", self.port_names.pop(port, f"port {port}"),
                      ", ".join(macs) or "(none)")
         self.install_statics()
@@ -514,6 +543,7 @@ class Manager:
         self.age_bindings(now_ns)
         self.age_vm_macs(now_ns)
         self.sync_lan_fdb(now_ns)
+        self.vm_fdb.sync()
         self.follow_the_lan(now_ns)
         age_lan_addresses(self.maps, now_ns, self.settings.age * 1e9)
         age_dhcp_requests(self.maps, now_ns)

@@ -16,6 +16,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP
 
+NTF_STICKY = 0x40  # <linux/neighbour.h>; pyroute2 0.9 does not name it
+
 from macnat.errors import MacnatError
 
 RT_SCOPE_LINK = 253
@@ -76,9 +78,9 @@ def interface_address(ipr: IPRoute, index: int, family: int, link_local: bool = 
     return None
 
 
-def bridge_ports(ipr: IPRoute, bridge: int) -> set[int]:
-    """The ifindexes of a bridge's ports."""
-    return {lk.index for lk in links(ipr) if lk.master == bridge}
+def bridge_ports(ipr: IPRoute, bridge: int) -> dict[int, str]:
+    """A bridge's ports: ifindex -> name."""
+    return {lk.index: lk.name for lk in links(ipr) if lk.master == bridge}
 
 
 def onlink_prefixes(ipr: IPRoute, index: int) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -109,8 +111,10 @@ def gateways(ipr: IPRoute, index: int) -> dict[str, str | None]:
 
 
 def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
-    """A static bridge FDB entry: frames to `mac` go to `port` only (what `bridge fdb replace ... master static` does)."""
-    ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+    """A static, sticky bridge FDB entry: frames to `mac` go to `port` only, and a frame from another port
+    with `mac` as its source does not move it there (`bridge fdb replace ... master static sticky`; a
+    static entry alone is moved by learning)."""
+    ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER | NTF_STICKY)
 
 
 def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:
