@@ -133,8 +133,8 @@ def test_lan_macs_become_fdb_entries_on_the_uplink(attached):
     assert ping(VM1.ns, lab.LANHOST.ip)
     fdb = lambda: lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", "mn-wlan0").stdout
     assert wait_for(lambda: lab.LANHOST.mac in fdb(), timeout=5)
-    assert f"{lab.LANHOST.mac} master vmbr0 static" in fdb()
-    assert f"{lab.LAPTOP.mac} master vmbr0 static" in fdb()
+    assert f"{lab.LANHOST.mac} sticky master vmbr0 static" in fdb()
+    assert f"{lab.LAPTOP.mac} sticky master vmbr0 static" in fdb()
 
 
 def test_a_vm_claiming_the_hosts_address_is_refused(attached):
