@@ -79,6 +79,13 @@ struct arp_ipv4 {
     unsigned char tpa[4];
 } __attribute__((packed));
 
+/* A request or reply for IPv4 over Ethernet: what macnat translates and learns from. */
+static __always_inline int arp_translatable(const struct arp_ipv4 *arp)
+{
+    return arp->htype == ARPHRD_ETHER_BE && arp->ptype == bpf_htons(ETH_P_IP) && arp->hlen == 6 && arp->plen == 4 &&
+           (arp->op == ARPOP_REQUEST_BE || arp->op == ARPOP_REPLY_BE);
+}
+
 /* The fixed head of a BOOTP message (RFC 951), up to chaddr. */
 struct bootp_head {
     __u8 op;
@@ -551,14 +558,18 @@ static __always_inline void remember_dhcp_request(struct macnat_config *cfg, con
 {
     if (!mac_eq(req->chaddr.addr, src->addr))
         return;  /* a relay or a client with another identity: its ACK is not this VM's to bind */
-    struct port_state *state = port_state(port);
-    if (!state)
-        return;
     struct dhcp_request *known = dhcp_requests.lookup((__be32 *)&req->xid);
+    if (known && mac_eq(known->mac, src->addr) && known->port == port) {
+        touch(&known->time_ns, now);  /* a retransmission, or the REQUEST after the DISCOVER */
+        return;
+    }
     if (known && !mac_eq(known->mac, src->addr) && now - known->time_ns < MACNAT_DHCP_REQUEST_TTL_NS) {
         count(MACNAT_CNT_DHCP_UNTRACKED);
         return;
     }
+    struct port_state *state = port_state(port);
+    if (!state)
+        return;
     int fresh_for_port = !known || known->port != port;
     if (fresh_for_port && !port_has_room(cfg, state, port, MACNAT_PORT_DHCP_REQUESTS)) {
         count(MACNAT_CNT_DHCP_UNTRACKED);
@@ -837,8 +848,7 @@ static __always_inline int parse_vm_frame(struct __sk_buff *skb, struct macnat_c
 {
     if (proto == bpf_htons(ETH_P_ARP)) {
         struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, NULL);
-        if (!arp || arp->htype != ARPHRD_ETHER_BE || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
-            arp->plen != 4 || (arp->op != ARPOP_REQUEST_BE && arp->op != ARPOP_REPLY_BE))
+        if (!arp || !arp_translatable(arp))
             return -1;
         __be32 spa = load_ipv4(arp->spa);
         ipv4_mapped(&f->ip, spa);
@@ -1042,17 +1052,12 @@ int uplink_egress(struct __sk_buff *skb)
 /* ---- Wi-Fi -> VMs ---------------------------------------------------------------------------- */
 
 /* A LAN host showed itself in ARP or NDP: note its MAC (for the bridge's FDB, and so that no VM can
- * take it) and the address it uses (so that no VM can claim it). The VMs' own frames reach
- * wifi_ingress too (their group frames cloned to the host, their frames for the host redirected):
- * a source MAC that is a VM's, or the Wi-Fi's own (reflected by the AP), is not the LAN's. An
- * address bound to a VM stays bound: the conflict is counted and reported, and the LAN's use noted
- * for when the VM lets the address go. */
+ * take it) and the address it uses (so that no VM can claim it). An address bound to a VM stays
+ * bound: the conflict is counted and reported, and the LAN's use noted for when the VM lets the
+ * address go. */
 static __always_inline void note_lan_host(struct macnat_config *cfg, const struct mac_addr *src,
                                           const struct ip_addr *ip, __u64 now)
 {
-    if (is_group(src->addr) || is_zero(src->addr) || mac_eq(src->addr, cfg->wifi_mac) ||
-        vm_macs.lookup((struct mac_addr *)src))
-        return;
     struct lan_mac *mac = lan_macs.lookup((struct mac_addr *)src);
     if (mac) {
         touch(&mac->last_seen_ns, now);
@@ -1077,21 +1082,15 @@ static __always_inline void note_lan_host(struct macnat_config *cfg, const struc
     lan_addrs.insert((struct ip_addr *)ip, &fresh);
 }
 
-/* The sender of an ARP request or reply from the LAN; the frame's target address in *tpa. 0, or -1 when
- * it is no Ethernet/IPv4 request or reply. */
-static __always_inline int watch_lan_arp(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src,
-                                         struct ip_addr *tpa)
+/* The sender of an ARP request or reply from the LAN. */
+static __always_inline void watch_lan_arp(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
 {
     struct arp_ipv4 arp;
-    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &arp, sizeof(arp)) || arp.htype != ARPHRD_ETHER_BE ||
-        arp.ptype != bpf_htons(ETH_P_IP) || arp.hlen != 6 || arp.plen != 4 ||
-        (arp.op != ARPOP_REQUEST_BE && arp.op != ARPOP_REPLY_BE))
-        return -1;
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &arp, sizeof(arp)) || !arp_translatable(&arp))
+        return;
     struct ip_addr spa;
     ipv4_mapped(&spa, load_ipv4(arp.spa));
-    ipv4_mapped(tpa, load_ipv4(arp.tpa));
     note_lan_host(cfg, src, &spa, bpf_ktime_get_coarse_ns());
-    return 0;
 }
 
 /* Neighbour discovery from the LAN: the sender (and an advertisement's target) are noted as the
@@ -1132,25 +1131,34 @@ static __always_inline void watch_lan_ndp(struct __sk_buff *skb, struct macnat_c
     emit(cfg, MACNAT_CNT_DAD_CONFLICT, port, owner, src->addr, &target, now);
 }
 
+/* ARP and NDP from the LAN. The VMs' own frames reach wifi_ingress too (their group frames cloned to
+ * the host, their frames for the host redirected): a source MAC that is a VM's, or the Wi-Fi's own
+ * (reflected by the AP), is not the LAN's, and its DAD probe is no LAN host's. */
+static __always_inline void watch_lan(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
+{
+    if (is_group(src->addr) || is_zero(src->addr) || mac_eq(src->addr, cfg->wifi_mac) ||
+        vm_macs.lookup((struct mac_addr *)src))
+        return;
+    if (skb->protocol == bpf_htons(ETH_P_ARP))
+        watch_lan_arp(skb, cfg, src);
+    else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        watch_lan_ndp(skb, cfg, src);
+}
+
 /* Copy a group frame to the VMs (through the bridge) and let the host have it too. A VM's own
- * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way:
- * a DHCPACK answering a VM's request (broadcast, thanks to the flag uplink_egress set) binds its
- * address, and LAN hosts showing themselves in ARP and NDP are noted. */
+ * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way, a
+ * DHCPACK answering a VM's request (broadcast, thanks to the flag uplink_egress set) binds its
+ * address. */
 static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
                                            const struct mac_addr *src)
 {
     if (vm_macs.lookup((struct mac_addr *)src))
         return TC_ACT_OK;
-    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-        struct ip_addr tpa;
-        watch_lan_arp(skb, cfg, src, &tpa);
-    } else if (skb->protocol == bpf_htons(ETH_P_IP)) {
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
         __u32 l3_end = 0;
         __u32 l4_off = ipv4_udp_offset(skb, &l3_end);
         if (l4_off)
             learn_from_dhcp_ack(skb, cfg, src, l4_off, l3_end);
-    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        watch_lan_ndp(skb, cfg, src);
     }
     bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
     count(MACNAT_CNT_GROUP_TO_VMS);
@@ -1180,17 +1188,20 @@ static __always_inline int to_host(void)
 #define GROUP_RESTORED -1  /* wifi_unicast(): the frame was a group frame an AP sent as unicast */
 
 /* A unicast frame from the AP to the station: to a VM (by its address binding) or to the host; or
- * GROUP_RESTORED for a group frame an AP turned into unicast, its group address restored. */
-static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
+ * GROUP_RESTORED for a group frame an AP turned into unicast, its group address restored. *watch is
+ * set for ARP and ICMPv6, for watch_lan(). */
+static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_config *cfg, int *watch)
 {
     static const unsigned char broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
     struct ethhdr *eth;
     struct ip_addr dst;
     if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-        if (watch_lan_arp(skb, cfg, src, &dst))
-            return to_host();  /* not ARP macnat translates: the host may make of it what it can */
+        *watch = 1;
         struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, &eth);
-        if (!arp || host_addrs.lookup(&dst))
+        if (!arp || !arp_translatable(arp))
+            return to_host();  /* not ARP macnat translates: the host may make of it what it can */
+        ipv4_mapped(&dst, load_ipv4(arp->tpa));
+        if (host_addrs.lookup(&dst))
             return to_host();
         struct binding *vm = bindings.lookup(&dst);
         if (vm) {
@@ -1235,8 +1246,7 @@ static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_con
         }
         if (ipv6_reserved(&dst))  /* ::ffff:a.b.c.d is an IPv4 key: IPv6 never goes by it */
             return to_host();
-        if (ip6h->nexthdr == IPPROTO_ICMPV6)
-            watch_lan_ndp(skb, cfg, src);  /* NUD and other NDP to the station */
+        *watch = ip6h->nexthdr == IPPROTO_ICMPV6;  /* NUD and other NDP to the station */
     } else {
         return to_host();
     }
@@ -1258,14 +1268,20 @@ int wifi_ingress(struct __sk_buff *skb)
     struct mac_addr src;
     __builtin_memcpy(src.addr, eth->h_source, 6);
 
+    int verdict = GROUP_RESTORED, watch = 1;
     if (!is_group(eth->h_dest)) {
         if (!mac_eq(eth->h_dest, cfg->wifi_mac))
             return TC_ACT_OK;
-        int verdict = wifi_unicast(skb, cfg, &src);
-        if (verdict != GROUP_RESTORED)
-            return verdict;
+        watch = 0;
+        verdict = wifi_unicast(skb, cfg, &watch);
     }
-    return to_vms_and_host(skb, cfg, &src);  /* one call site: it is large, and inlined */
+    /* One call site each: they are large once inlined. What wifi_unicast rewrote (the destination MAC,
+     * an ARP target MAC) is nothing they read; a redirect takes effect on return. */
+    if (watch)
+        watch_lan(skb, cfg, &src);
+    if (verdict != GROUP_RESTORED)
+        return verdict;
+    return to_vms_and_host(skb, cfg, &src);
 }
 
 /* The host's own frames on their way out: those for a VM go into the bridge instead. */

@@ -15,14 +15,14 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICM
                                 ICMPv6NDOptSrcLLAddr, IPv6)
 
 from macnat import constants, maps, netns
-from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Harness
+from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
 from macnat.maps import MacAddr, ip_key, mac_bytes
 
 WIFI_MAC, VM_MAC, VM2_MAC, LAN_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", "02:4d:4e:00:00:14"
 HOST_IP, VM_IP, VM2_IP, LAN_IP = "192.168.77.10", "192.168.77.101", "192.168.77.102", "192.168.77.20"
 HOST_IP6, VM_IP6, VM_LL6, LAN_IP6 = "fd77:77::10", "fd77:77::5054:ff:fe00:101", "fe80::5054:ff:fe00:101", "fd77:77::20"
 BROADCAST = "ff:ff:ff:ff:ff:ff"
-TAP_IFINDEX_OF_VM = 1000  # any ifindex that is neither 0 nor wifi's: a frame that entered the bridge from a port
+TAP_IFINDEX_OF_VM = VM_PORT  # neither 0 nor wifi's ifindex: a frame that entered the bridge from a port
 
 
 class Datapath(Harness):

@@ -80,3 +80,18 @@ def test_the_checks_catch_what_they_must(fuzzer):
     untranslated = bytes(mac_bytes(fuzz.WIFI_MAC)).join([ns.frame[:6], ns.frame[12:]])  # source done, option not
     assert fuzz.violations(ns, TC_ACT_REDIRECT, untranslated, tables, tables, True, 0, fuzzer.forbidden) == \
         [f"a VM's MAC sent to the LAN at [{14 + 40 + 24 + 2}]"]
+
+
+def test_the_fuzz_figures_stay_in_benchmarks_md(tmp_path):
+    """python -m macnat.fuzz --report puts its section at the end of benchmarks.md, replacing its last
+    one; macnat bench, regenerating the file, carries it over."""
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# macnat benchmarks\n\n## 5. Cost of running it\n")
+    report = fuzz.Report(10, 1, 1.0, 0, {p: {"frames": 10, "ok": 5, "redirected": 3, "dropped": 2, "not run": 0,
+                                            "seconds": 0.1} for p in constants.PROGRAMS}, {"refused_claim": 4})
+    fuzz.write_into(path, report)
+    fuzz.write_into(path, report)
+    text = path.read_text()
+    assert text.count("## 6. Hostile frames") == 1 and "**Violations found: 0**" in text
+    assert text.startswith("# macnat benchmarks\n\n## 5. Cost of running it\n")
+    assert fuzz.carried_over("# regenerated\n" + text[text.index(fuzz.REPORT_MARK):]).strip().startswith(fuzz.REPORT_MARK)

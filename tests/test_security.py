@@ -16,7 +16,8 @@ from scapy.layers.l2 import LLC, SNAP, Dot3
 
 from macnat import constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
-from macnat.manager import GatewayPins, release_gone_ports, sync_onlink_prefixes, write_released_counts
+from macnat.manager import (GatewayPins, internet_checksum, release_gone_ports, sync_onlink_prefixes,
+                            write_released_counts)
 from macnat.maps import MacAddr, ip_key, ip_str, mac_bytes, mac_str
 
 WIFI_MAC, VM_MAC, VM2_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02"
@@ -358,6 +359,17 @@ def test_a_lan_dad_probe_for_a_mapped_address_leaves_the_ipv4_binding(dp):
     assert "dad_conflict" not in run.moved and bound(dp, VM_IP) == VM_MAC
 
 
+@pytest.mark.parametrize("dst", [WIFI_MAC, "33:33:ff:00:01:02"], ids=["unicast-to-the-host", "cloned-multicast"])
+def test_a_vms_dad_probe_reaching_wifi_ingress_is_no_lan_hosts(dp, dst):
+    """A VM's frames reach wifi_ingress too (redirected or cloned to the host): its DAD probe for another
+    VM's address must not count as a LAN host's, which would drop that VM's binding."""
+    dp.bind(VM_IP6, VM_MAC)
+    dp.bind(VM2_IP6, VM2_MAC, port=PORT2)
+    probe = Ether(src=VM_MAC, dst=dst) / IPv6(src="::", dst="ff02::1:ff00:102", hlim=255) / ICMPv6ND_NS(tgt=VM2_IP6)
+    run = dp.run("wifi_ingress", bytes(probe))
+    assert "dad_conflict" not in run.moved and bound(dp, VM2_IP6) == VM2_MAC
+
+
 def test_ipv6_to_a_mapped_address_never_goes_by_the_ipv4_binding(dp):
     dp.bind(VM_IP, VM_MAC)
     frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=f"::ffff:{VM_IP}") / ICMPv6EchoRequest())
@@ -395,12 +407,7 @@ def ll_option_macs(frame: bytes, options_offset: int) -> list[str]:
 def icmpv6_checksum_ok(frame: bytes, icmp_offset: int, source: bytes, final_destination: bytes) -> bool:
     payload_end = 14 + 40 + struct.unpack("!H", frame[18:20])[0]
     icmp = frame[icmp_offset:payload_end]
-    pseudo = source + final_destination + struct.pack("!I3xB", len(icmp), 58)
-    data = pseudo + icmp + (b"\0" if len(icmp) % 2 else b"")
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total == 0xFFFF
+    return internet_checksum(source + final_destination + struct.pack("!I3xB", len(icmp), 58) + icmp) == 0
 
 
 NS_TO_LAN = ICMPv6ND_NS(tgt=LAN_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=VM_MAC)

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from scapy.all import ARP, BOOTP, DHCP, ICMP, IP, TCP, UDP, Dot1AD, Dot1Q, Ether, Raw
@@ -42,7 +43,7 @@ from scapy.layers.l2 import LLC, SNAP, Dot3
 
 from macnat import bpfsys, constants, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
-from macnat.manager import GatewayPins, monotonic_ns, sync_onlink_prefixes
+from macnat.manager import GatewayPins, internet_checksum, monotonic_ns, sync_onlink_prefixes
 from macnat.maps import IPV4_MAPPED_PREFIX, DhcpRequest, LanMac, MacAddr, ip_key, mac_bytes, u32
 
 T = TypeVar("T")
@@ -294,15 +295,6 @@ def snapshot(h: Harness) -> dict:
     return tables
 
 
-def _ones_complement(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 @dataclass
 class Layout:
     """Where the bytes macnat may change are in a frame, and the checksums that cover them, found the
@@ -362,7 +354,7 @@ def layout(frame: bytes) -> Layout:
 
 
 def checksum_ok(frame: bytes, pseudo: bytes, start: int, end: int) -> bool:
-    return end <= len(frame) and _ones_complement(pseudo + frame[start:end]) == 0xFFFF
+    return end <= len(frame) and internet_checksum(pseudo + frame[start:end]) == 0
 
 
 def claimable(key: bytes, onlink: bool, flags: int, forbidden: set[bytes]) -> bool:
@@ -511,13 +503,55 @@ def run(frames_per_program: int, seed: int = 1, fresh_every: int = 50, say=print
     return report
 
 
+REPORT_MARK = "<!-- python -m macnat.fuzz writes from here on; macnat bench keeps it -->"
+
+
+def carried_over(markdown: str) -> str:
+    """The fuzz section of a benchmarks.md (from REPORT_MARK to the end), for `macnat bench` to keep."""
+    at = markdown.find(REPORT_MARK)
+    return "" if at < 0 else "\n" + markdown[at:]
+
+
+def render(report: Report) -> str:
+    total = sum(p["frames"] for p in report.per_program.values())
+    out = [REPORT_MARK, "", "## 6. Hostile frames", "",
+           f"`python -m macnat.fuzz --frames {report.frames_per_program}` (seed {report.seed}, "
+           f"{time.strftime('%Y-%m-%d %H:%M')}): {total:,} frames built by macnat.fuzz (a pool of {POOL:,} "
+           "scapy-built frames per program, fuzzed layers, fields, options and extension headers, each run "
+           "mutated anew: truncated, padded, a bit flipped, a length or an address replaced) through "
+           "BPF_PROG_TEST_RUN from a known state, every invariant of issue #12 checked on each frame "
+           "(docstring of src/macnat/fuzz.py). tests/test_properties.py runs the same checks with hypothesis "
+           "in CI.", "",
+           "| program | frames | passed | redirected | dropped | too short for a test run | seconds |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for program, f in report.per_program.items():
+        out.append(f"| {program} | {f['frames']:,} | {f['ok']:,} | {f['redirected']:,} | {f['dropped']:,} | "
+                   f"{f['not run']:,} | {f['seconds']:.0f} |")
+    interesting = {k: v for k, v in report.counters.items() if k.startswith(("refused", "drop", "ndp", "dhcp",
+                                                                              "learned", "moved", "lan", "dad"))}
+    out += ["", f"**Violations found: {report.violations}**, in {report.seconds:.0f} s in all. What the frames made "
+            "the datapath do (counters): " + ", ".join(f"{k} {v:,}" for k, v in sorted(interesting.items())) + ".",
+            ""]
+    return "\n".join(out)
+
+
+def write_into(path: Path, report: Report) -> None:
+    """Put (or replace) the fuzz section at the end of a benchmarks.md."""
+    text = path.read_text() if path.exists() else "# macnat benchmarks\n"
+    at = text.find(REPORT_MARK)
+    path.write_text((text if at < 0 else text[:at]).rstrip("\n") + "\n\n" + render(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m macnat.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1_000_000, help="frames per program (default 10^6)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--report", type=Path, help="also write the figures into this benchmarks.md")
     args = parser.parse_args(argv)
     report = run(args.frames, args.seed, say=lambda text: print(text, file=sys.stderr))
+    if args.report:
+        write_into(args.report, report)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     else:
