@@ -135,7 +135,9 @@ def arp_layer(draw: Draw, sender: Sender):
 
 def dhcp_layers(draw: Draw, sender: Sender, request: bool):
     xid = draw.choice([*XIDS, 0x9999, draw.integer(0, 2**32 - 1)])
-    chaddr = draw.choice([sender.mac, VM_MAC, VM2_MAC, STATIC_MAC, LAN_MAC, "52:54:00:aa:bb:cc"])
+    others = [sender.mac, VM_MAC, VM2_MAC, STATIC_MAC, LAN_MAC, "52:54:00:aa:bb:cc"]
+    # A reply mostly to a pending request's own client (then it may bind or move an address), else to anyone.
+    chaddr = XIDS[xid][0] if xid in XIDS and not request and chance(draw, 70) else draw.choice(others)
     kind = draw.choice(["discover", "request", "ack", "ack", "offer", "nak", "inform"])
     options = [draw.choice(["pad", ("subnet_mask", "255.255.255.0"), ("router", GATEWAY_IP)])
                for _ in range(draw.integer(0, 3))]
@@ -224,7 +226,10 @@ def base_frame(draw: Draw, program: str) -> Case:
     if layer == "arp":
         pkt = Ether(src=who.mac, dst=dst) / arp_layer(draw, who)
     elif layer == "ipv4":
-        pkt = Ether(src=who.mac, dst=dst) / ipv4_layers(draw, who, program == "uplink_egress")
+        ip = ipv4_layers(draw, who, program == "uplink_egress")
+        if program == "wifi_ingress" and BOOTP in ip and chance(draw, 70):
+            dst = "ff:ff:ff:ff:ff:ff"  # the server's reply to a request with the broadcast flag
+        pkt = Ether(src=who.mac, dst=dst) / ip
     elif layer == "ipv6":
         pkt = Ether(src=who.mac, dst=dst) / ipv6_layers(draw, who)
     elif layer == "vlan":
