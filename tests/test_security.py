@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 
 import pytest
 from scapy.all import ARP, BOOTP, DHCP, ICMP, IP, UDP, Dot1AD, Dot1Q, Ether, Raw
@@ -546,3 +547,55 @@ def test_events_are_rate_limited_per_port_and_the_rest_counted(dp):
     assert other.moved == {"refused_address": 1}
     assert [(e.kind_name, e.port) for e in dp.maps.events()] == [("refused_address", PORT2)], \
         "another port's events are not held back by the flood"
+
+
+# ---- the manager's side, on the same harness -------------------------------------------------------
+
+def test_a_claimed_address_moves_only_when_its_owner_does_not_answer(dp):
+    from macnat.manager import ClaimProbes, monotonic_ns
+    dp.bind(VM_IP, VM_MAC)
+    dp.bind(VM2_IP, VM2_MAC, port=PORT2)
+    probed = []
+    claims = ClaimProbes(dp.maps, lambda ip, binding: probed.append((ip, mac_str(binding.mac))), answer_s=0.05)
+    for ip in (VM_IP, VM2_IP):
+        from_vm(dp, arp("52:54:00:00:01:09", ip, pdst=ip), port=PORT2 + 1)  # a third VM claims both
+    claims.sweep(monotonic_ns())
+    assert sorted(probed) == [(VM_IP, VM_MAC), (VM2_IP, VM2_MAC)]
+    owner = dp.binding(VM2_IP)  # vm2 answers its probe: its binding is refreshed after the probe
+    owner.last_seen_ns = monotonic_ns() + 10**9
+    dp.maps.bindings.update(ip_key(VM2_IP), owner)
+    time.sleep(0.06)
+    claims.sweep(monotonic_ns())
+    assert bound(dp, VM_IP) is None, "vm1 did not answer: released for the claimant's next frame"
+    assert bound(dp, VM2_IP) == VM2_MAC
+    assert from_vm(dp, arp("52:54:00:00:01:09", VM_IP, pdst=VM_IP), port=PORT2 + 1).moved["learned_ip"] == 1
+
+
+def test_the_security_log_is_one_line_per_offender_and_kind_per_interval(dp, caplog):
+    from macnat.manager import SecurityLog
+    security = SecurityLog(dp.maps, lambda port: f"tap{port}", lambda: {HOST_IP: "wlan0"}, interval_s=0.2)
+    for i in range(50):  # one VM forging many sources: one offender, its port
+        mac = f"52:54:00:bb:00:{i:02x}"
+        from_vm(dp, arp(mac, f"127.0.0.{i + 1}"))
+    from_vm(dp, arp(VM2_MAC, HOST_IP), PORT2)
+    with caplog.at_level("WARNING", logger="macnat"):
+        security.drain(now_ns=0)
+        security.drain(now_ns=3 * 10**8)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"refused: VM 52:54:00:bb:00:00 claims 127.0.0.1, no address a VM may have (on tap{VM_PORT})")
+    assert f"refused: VM {VM2_MAC} claims {HOST_IP}, an address of this host (wlan0) (on tap{PORT2})" in lines
+    assert f"tap{VM_PORT} sent more events than its rate allows: 30 not reported" in lines
+    assert any(line.startswith("... and 19 more like it in the last 0.2 s: refused: VM 52:54:00:bb:00:00")
+               for line in lines)
+    assert len(lines) == 4, lines
+
+
+def test_lan_addresses_and_dhcp_requests_age_but_pinned_ones_stay(lan):
+    from macnat.manager import age_dhcp_requests, age_lan_addresses, monotonic_ns
+    lan.run("wifi_ingress", bytes(arp(LAN_MAC, LAN_IP, pdst=HOST_IP)))
+    from_vm(lan, dhcp_request(VM_MAC, 0x6666))
+    later = monotonic_ns() + (constants.DHCP_REQUEST_TTL_S + 1) * 10**9
+    age_lan_addresses(lan.maps, later, age_ns=10**9)
+    age_dhcp_requests(lan.maps, later)
+    assert {ip_str(k) for k in lan.maps.lan_addrs.keys()} == {GATEWAY_IP}
+    assert list(lan.maps.dhcp_requests.keys()) == []

@@ -384,7 +384,6 @@ class SecurityLog:
 
     def drain(self, now_ns: int) -> None:
         for event in self.maps.events():
-            self._suppressed(event.port, event.port_suppressed)
             kind = event.kind_name
             if kind in self.QUIET:
                 continue
@@ -399,14 +398,13 @@ class SecurityLog:
             if now_ns - first_ns >= self.interval_ns:
                 del self.window[key]
                 if more:
-                    log.warning("... and %d more like it in the last %.0f s: %s", more, self.interval_ns / 1e9, line)
-
-    def _suppressed(self, port: int, total: int) -> None:
-        last = self.suppressed.get(port, 0)
-        if total > last:
-            log.warning("%s sent more events than its rate allows: %d not reported", self.port_name(port),
-                        total - last)
-        self.suppressed[port] = max(total, last)
+                    log.warning("... and %d more like it in the last %g s: %s", more, self.interval_ns / 1e9, line)
+        for key, state in self.maps.ports.items():
+            last = self.suppressed.get(key.value, 0)
+            if state.events_suppressed > last:
+                log.warning("%s sent more events than its rate allows: %d not reported", self.port_name(key.value),
+                            state.events_suppressed - last)
+            self.suppressed[key.value] = state.events_suppressed
 
     def describe(self, event, kind: str) -> str:
         mac, other, ip, port = mac_str(event.mac), mac_str(event.other), ip_str(event.ip), self.port_name(event.port)
