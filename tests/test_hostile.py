@@ -88,17 +88,29 @@ def test_a_vm_announcing_the_gateways_address_gets_none_of_its_traffic(hostile):
     vm1_keeps_working(leases)
 
 
-def test_a_vm_forging_the_gateways_or_the_wifis_mac_changes_nothing(hostile):
+def fdb_ports(mac: str) -> set[str]:
+    """The bridge ports vmbr0's FDB has for a MAC."""
+    out = LAPTOP.ns.run("bridge", "fdb", "show", "br", lab.BRIDGE).stdout
+    return {line.split()[2] for line in out.splitlines() if line.startswith(mac + " dev ")}
+
+
+def test_a_vm_forging_the_gateways_the_wifis_or_another_vms_mac_changes_nothing(hostile):
     """Was: with the gateway's MAC the host's traffic for its gateway went into the bridge and the
-    gateway's broadcasts stopped reaching the VMs; with wlan0's, VMs could not reach the host."""
+    gateway's broadcasts stopped reaching the VMs; with wlan0's, VMs could not reach the host. The
+    bridge learns from such a frame before macnat drops it: its entries for these MACs must not move."""
     _, leases, _ = hostile
+    assert wait_for(lambda: fdb_ports(VM1.mac) == {lab.VM_PORTS["vm1"]}, timeout=3), "pinned by the manager"
     before = counters()
     from_vm2(Ether(src=ROUTER.mac, dst=LANHOST.mac) / IP(src=leases["vm2"], dst=LANHOST.ip) / UDP(sport=9, dport=9),
              Ether(src=ROUTER.mac, dst=BROADCAST) / ARP(op=1, hwsrc=ROUTER.mac, psrc=leases["vm2"], pdst=LANHOST.ip),
-             Ether(src=LAPTOP.mac, dst=BROADCAST) / ARP(op=1, hwsrc=LAPTOP.mac, psrc=leases["vm2"], pdst=LANHOST.ip))
+             Ether(src=LAPTOP.mac, dst=BROADCAST) / ARP(op=1, hwsrc=LAPTOP.mac, psrc=leases["vm2"], pdst=LANHOST.ip),
+             Ether(src=VM1.mac, dst=LANHOST.mac) / IP(src=leases["vm2"], dst=LANHOST.ip) / UDP(sport=9, dport=9))
     after = counters()
     assert after["refused_mac_lan"] == before["refused_mac_lan"] + 2
     assert after["refused_mac_wifi"] == before["refused_mac_wifi"] + 1
+    assert after["refused_mac_port"] == before["refused_mac_port"] + 1
+    assert fdb_ports(ROUTER.mac) == fdb_ports(LAPTOP.mac) == {"mn-wlan0"}
+    assert fdb_ports(VM1.mac) == {lab.VM_PORTS["vm1"]}
     assert ping(LAPTOP.ns, ROUTER.ip), "the host still reaches its gateway"
     assert lab.dhcp("vm1") == leases["vm1"], "the gateway's broadcasts still reach the VMs"
     vm1_keeps_working(leases)
