@@ -19,7 +19,7 @@ from macnat import constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
 from macnat.manager import (GatewayPins, internet_checksum, release_gone_ports, sync_onlink_prefixes,
                             write_released_counts)
-from macnat.maps import MacAddr, ip_key, ip_str, mac_bytes, mac_str
+from macnat.maps import ip_key, ip_str, mac_bytes, mac_str
 
 WIFI_MAC, VM_MAC, VM2_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02"
 GATEWAY_MAC, LAN_MAC = "02:4d:4e:00:00:01", "02:4d:4e:00:00:14"
