@@ -19,6 +19,13 @@
  *
  * Learning is done here, synchronously, so the reply to a VM's very first ARP request or neighbour
  * solicitation already finds the binding; the manager only ages, protects and reports.
+ *
+ * Security (docs/design.md, "Security model"): a VM can only ever be itself. Its MAC belongs to the
+ * bridge port it was first seen on (skb->ingress_ifindex at the uplink's egress is the VM's port);
+ * it may bind only plausible unicast addresses that neither the host, the LAN nor another VM uses,
+ * within per-port limits checked here, synchronously. Every VM frame is parsed and validated in
+ * full before anything is learned from it, and learned from before it is cloned or rewritten, so a
+ * frame that is dropped has changed no table.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -26,16 +33,21 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/udp.h>
 
 #include "macnat.h"
 
 #define ARPHRD_ETHER_BE bpf_htons(1)
+#define ARPOP_REQUEST_BE bpf_htons(1)
+#define ARPOP_REPLY_BE bpf_htons(2)
 #define BOOTP_BROADCAST_BE bpf_htons(0x8000)
-#define BOOTP_FLAGS_OFF 10      /* op, htype, hlen, hops, xid[4], secs[2], flags[2] */
 #define DHCP_SERVER_PORT_BE bpf_htons(67)
 #define DHCP_CLIENT_PORT_BE bpf_htons(68)
 #define IP_FRAGMENT_MASK_BE bpf_htons(0x3fff)  /* MF flag and fragment offset */
+#define IPV6_FRAGMENT_OFFSET_MASK 0xfff8
+#define ETH_P_QINQ_OLD 0x9100                  /* pre-802.1ad QinQ, still in use */
+#define NS_PER_S 1000000000ULL
 
 /* RFC 4861 neighbour discovery */
 #define ICMPV6_ROUTER_SOLICIT 133
@@ -47,9 +59,14 @@
 #define NDP_TARGET_OFF 8        /* NS, NA and Redirect: type, code, checksum, 4 reserved bytes, target */
 #define ND_OPT_SOURCE_LL 1
 #define ND_OPT_TARGET_LL 2
-#define NDP_MAX_OPTIONS 8
+/* The bounds of the two walks a VM's NDP message gets. A receiver reads every option within the
+ * IPv6 payload and every extension header before the ICMPv6 one; macnat must see what it sees, so
+ * what goes beyond these bounds (far more than real messages carry: an RA with a dozen prefixes has
+ * about 20 options) is dropped rather than sent out unread. */
+#define NDP_MAX_OPTIONS 64
+#define IPV6_MAX_EXT_HEADERS 8
 
-/* RFC 826 ARP for IPv4 over Ethernet, the only kind macnat rewrites. */
+/* RFC 826 ARP for IPv4 over Ethernet, the only kind macnat forwards from VMs. */
 struct arp_ipv4 {
     __be16 htype;
     __be16 ptype;
@@ -62,24 +79,62 @@ struct arp_ipv4 {
     unsigned char tpa[4];
 } __attribute__((packed));
 
+/* A request or reply for IPv4 over Ethernet: what macnat translates and learns from. */
+static __always_inline int arp_translatable(const struct arp_ipv4 *arp)
+{
+    return arp->htype == ARPHRD_ETHER_BE && arp->ptype == bpf_htons(ETH_P_IP) && arp->hlen == 6 && arp->plen == 4 &&
+           (arp->op == ARPOP_REQUEST_BE || arp->op == ARPOP_REPLY_BE);
+}
+
+/* The fixed head of a BOOTP message (RFC 951), up to chaddr. */
+struct bootp_head {
+    __u8 op;
+    __u8 htype;
+    __u8 hlen;
+    __u8 hops;
+    __be32 xid;
+    __be16 secs;
+    __be16 flags;
+    __be32 ciaddr;
+    __be32 yiaddr;
+    __be32 siaddr;
+    __be32 giaddr;
+    unsigned char chaddr[16];
+} __attribute__((packed));
+
+#define BOOTP_OPTIONS_OFF 240   /* 236 bytes of fixed fields, then the 4-byte magic cookie */
+#define DHCP_OPT_PAD 0
+#define DHCP_OPT_END 255
+#define DHCP_OPT_MESSAGE_TYPE 53
+#define DHCP_ACK 5
+#define DHCP_MAX_OPTIONS_SCANNED 16
+
 #define ETH_ARP_LEN (sizeof(struct ethhdr) + sizeof(struct arp_ipv4))
 #define ETH_IP_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr))
 #define ETH_IP6_LEN (sizeof(struct ethhdr) + sizeof(struct ipv6hdr))
 #define ARP_SHA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, sha))
 #define ARP_THA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tha))
-#define ARP_TPA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tpa))
+#define BOOTP_FLAGS_OFF offsetof(struct bootp_head, flags)
 
 BPF_ARRAY(config, struct macnat_config, 1);
 BPF_PERCPU_ARRAY(counters, __u64, MACNAT_NUM_COUNTERS);
 BPF_HASH(bindings, struct ip_addr, struct binding, MACNAT_MAX_BINDINGS);
-BPF_HASH(vm_macs, struct mac_addr, struct mac_seen, MACNAT_MAX_VM_MACS);
+BPF_HASH(vm_macs, struct mac_addr, struct vm_mac, MACNAT_MAX_VM_MACS);
 /* vm_hints[h(mac)] is set once a VM MAC hashing to h is learned: a clear slot proves a MAC is not a
  * VM's without the cost of hashing it into vm_macs (an array access is inlined by the verifier).
  * Slots are never cleared: a stale or shared one only costs the vm_macs lookup it would have saved. */
 BPF_ARRAY(vm_hints, __u8, MACNAT_VM_HINT_SLOTS);
-BPF_TABLE("lru_hash", struct mac_addr, struct mac_seen, lan_macs, MACNAT_MAX_LAN_MACS);
+/* Plain hashes, not LRU: the entries the manager pins (the gateway) must never be evicted by a flood;
+ * the manager ages the others. */
+BPF_HASH(lan_macs, struct mac_addr, struct lan_mac, MACNAT_MAX_LAN_MACS);
+BPF_HASH(lan_addrs, struct ip_addr, struct lan_addr, MACNAT_MAX_LAN_ADDRS);
 BPF_HASH(host_addrs, struct ip_addr, __u8, MACNAT_MAX_HOST_ADDRS);
 BPF_TABLE("lru_hash", struct ip_addr, struct refusal, refusals, MACNAT_MAX_REFUSALS);
+BPF_LPM_TRIE(onlink, struct onlink_key, struct onlink_prefix, MACNAT_MAX_ONLINK_PREFIXES);
+BPF_HASH(dhcp_requests, __be32, struct dhcp_request, MACNAT_MAX_DHCP_REQUESTS);
+BPF_HASH(ports, __u32, struct port_state, MACNAT_MAX_PORTS);
+BPF_HASH(port_released, __u32, struct port_counts, MACNAT_MAX_PORTS);
+BPF_RINGBUF_OUTPUT(events, MACNAT_EVENT_RING_BYTES / PAGE_SIZE);
 
 static __always_inline void count(__u32 index)
 {
@@ -94,9 +149,11 @@ static __always_inline struct macnat_config *get_config(void)
     return config.lookup(&zero);
 }
 
+/* MACs are 2-byte aligned wherever macnat keeps them (packet, map values, struct mac_addr). */
 static __always_inline int mac_eq(const unsigned char *a, const unsigned char *b)
 {
-    return *(const __u32 *)a == *(const __u32 *)b && *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+    const __u16 *x = (const __u16 *)a, *y = (const __u16 *)b;
+    return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]));
 }
 
 static __always_inline int is_group(const unsigned char *mac)
@@ -106,7 +163,8 @@ static __always_inline int is_group(const unsigned char *mac)
 
 static __always_inline int is_zero(const unsigned char *mac)
 {
-    return !(*(const __u32 *)mac | *(const __u16 *)(mac + 4));
+    const __u16 *x = (const __u16 *)mac;
+    return !(x[0] | x[1] | x[2]);
 }
 
 static __always_inline __be32 load_ipv4(const unsigned char *p)
@@ -124,10 +182,9 @@ static __always_inline void ipv4_mapped(struct ip_addr *a, __be32 ip)
     a->addr[3] = ip;
 }
 
-static __always_inline int usable_ipv4(__be32 ip)
+static __always_inline int is_ipv4_key(const struct ip_addr *a)
 {
-    /* 0.0.0.0 (DHCP, ARP probes), limited broadcast and multicast never belong to a VM. */
-    return ip != 0 && ip != 0xffffffff && (bpf_ntohl(ip) & 0xf0000000) != 0xe0000000;
+    return !(a->addr[0] | a->addr[1]) && a->addr[2] == bpf_htonl(0xffff);
 }
 
 static __always_inline int ipv6_unspecified(const struct ip_addr *a)
@@ -138,6 +195,23 @@ static __always_inline int ipv6_unspecified(const struct ip_addr *a)
 static __always_inline int ipv6_multicast(const struct ip_addr *a)
 {
     return (bpf_ntohl(a->addr[0]) >> 24) == 0xff;
+}
+
+/* ::/8: unspecified, loopback, IPv4-compatible and IPv4-mapped addresses. Never an IPv6 address of a
+ * host on the LAN, and the mapped ones are the keys of IPv4 addresses: IPv6 frames never reach them. */
+static __always_inline int ipv6_reserved(const struct ip_addr *a)
+{
+    return !(a->addr[0] & bpf_htonl(0xff000000));
+}
+
+/* An address LAN frames may be noted with: not unspecified, not a group, not a family crossing. */
+static __always_inline int lan_unicast(const struct ip_addr *a)
+{
+    if (is_ipv4_key(a)) {
+        __u32 host = bpf_ntohl(a->addr[3]);
+        return host != 0 && (host >> 28) < 0xe;
+    }
+    return !ipv6_reserved(a) && !ipv6_multicast(a);
 }
 
 /* Make the first `len` bytes directly addressable; 0 when the frame is shorter than that. */
@@ -171,32 +245,113 @@ static __always_inline void touch(__u64 *last_seen_ns, __u64 now)
         *last_seen_ns = now;
 }
 
-static __always_inline void note_lan_mac(const unsigned char *addr, __u64 now)
+/* ---- per-port state, limits and events ----------------------------------------------------- */
+
+static __always_inline struct port_state *port_state(__u32 port)
 {
-    struct mac_addr mac;
-    __builtin_memcpy(mac.addr, addr, 6);
-    struct mac_seen *seen = lan_macs.lookup(&mac);
-    if (seen) {
-        touch(&seen->last_seen_ns, now);
-        return;
-    }
-    struct mac_seen fresh = { .last_seen_ns = now };
-    lan_macs.update(&mac, &fresh);
+    struct port_state *state = ports.lookup(&port);
+    if (state)
+        return state;
+    struct port_state fresh = {};
+    ports.insert(&port, &fresh);  /* another CPU may have been first: either way it is there now */
+    return ports.lookup(&port);
 }
 
-static __always_inline void refuse(struct ip_addr *ip, const struct mac_addr *mac, __u16 reason, __u64 now)
+static __always_inline __u64 port_limit(struct macnat_config *cfg, __u32 kind)
+{
+    switch (kind) {
+    case MACNAT_PORT_MACS:
+        return cfg->max_macs_per_port ? cfg->max_macs_per_port : MACNAT_PORT_MAX_MACS;
+    case MACNAT_PORT_IPV4:
+        return cfg->max_ipv4_per_port ? cfg->max_ipv4_per_port : MACNAT_PORT_MAX_IPV4;
+    case MACNAT_PORT_IPV6:
+        return cfg->max_ipv6_per_port ? cfg->max_ipv6_per_port : MACNAT_PORT_MAX_IPV6;
+    }
+    return cfg->max_dhcp_per_port ? cfg->max_dhcp_per_port : MACNAT_PORT_MAX_DHCP_REQUESTS;
+}
+
+/* Whether a port may learn one more entry of a kind: what it learned minus what the manager found
+ * released (both monotonic; the difference wraps correctly even when released ran ahead). */
+static __always_inline int port_has_room(struct macnat_config *cfg, struct port_state *state, __u32 port,
+                                         __u32 kind)
+{
+    struct port_counts *released = port_released.lookup(&port);
+    __u64 used = state->learned.count[kind] - (released ? released->count[kind] : 0);
+    return used < port_limit(cfg, kind);
+}
+
+static __always_inline void port_learned(struct port_state *state, __u32 kind)
+{
+    __sync_fetch_and_add(&state->learned.count[kind], 1);
+}
+
+/* Tell the manager, within the port's event rate: a flooding VM cannot flood the manager. The
+ * window is reset without a lock; two CPUs racing over it only let a few more events through. */
+static __always_inline void emit(struct macnat_config *cfg, __u16 kind, __u32 port, const unsigned char *mac,
+                                 const unsigned char *other, const struct ip_addr *ip, __u64 now)
+{
+    struct port_state *state = port_state(port);
+    if (!state)
+        return;
+    __u64 limit = cfg->events_per_port ? cfg->events_per_port : MACNAT_PORT_EVENTS_PER_SECOND;
+    int learning = kind == MACNAT_CNT_LEARNED_MAC || kind == MACNAT_CNT_LEARNED_IP || kind == MACNAT_CNT_MOVED_IP;
+    if (now - state->window_start_ns >= NS_PER_S) {
+        state->window_start_ns = now;
+        state->window_events[0] = 0;
+        state->window_events[1] = 0;
+    }
+    __u64 *sent = &state->window_events[learning ? 0 : 1];
+    if (*sent >= limit) {
+        __sync_fetch_and_add(&state->events_suppressed, 1);
+        count(MACNAT_CNT_EVENTS_SUPPRESSED);
+        return;
+    }
+    __sync_fetch_and_add(sent, 1);
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event));
+    if (!ev) {
+        count(MACNAT_CNT_EVENTS_LOST);
+        return;
+    }
+    ev->time_ns = now;
+    ev->port = port;
+    ev->kind = kind;
+    ev->pad = 0;
+    __builtin_memcpy(ev->mac, mac, 6);
+    if (other)
+        __builtin_memcpy(ev->other, other, 6);
+    else
+        __builtin_memset(ev->other, 0, 6);
+    if (ip)
+        __builtin_memcpy(&ev->ip, ip, sizeof(ev->ip));
+    else
+        __builtin_memset(&ev->ip, 0, sizeof(ev->ip));
+    ev->pad2 = 0;
+    ev->port_suppressed = state->events_suppressed;
+    events.ringbuf_submit(ev, 0);
+}
+
+/* A VM frame refused: counted, reported, and for an address recorded with who claimed it from whom. */
+static __always_inline void refuse(struct macnat_config *cfg, __u16 reason, __u32 port, const struct mac_addr *mac,
+                                   const struct ip_addr *ip, const unsigned char *owner, __u64 now)
 {
     count(reason);
-    struct refusal *seen = refusals.lookup(ip);
+    emit(cfg, reason, port, mac->addr, owner, ip, now);
+    if (!ip)
+        return;
+    struct refusal *seen = refusals.lookup((struct ip_addr *)ip);
     if (seen && mac_eq(seen->mac, mac->addr) && seen->reason == reason) {
         __sync_fetch_and_add(&seen->count, 1);
         seen->last_ns = now;
         return;
     }
-    struct refusal fresh = { .reason = reason, .count = 1, .last_ns = now };
+    struct refusal fresh = { .reason = reason, .port = port, .count = 1, .last_ns = now };
     __builtin_memcpy(fresh.mac, mac->addr, 6);
-    refusals.update(ip, &fresh);
+    if (owner)
+        __builtin_memcpy(fresh.owner, owner, 6);
+    refusals.update((struct ip_addr *)ip, &fresh);
 }
+
+/* ---- what a VM may be ------------------------------------------------------------------------ */
 
 static __always_inline __u32 hint_slot(const unsigned char *mac)
 {
@@ -211,16 +366,39 @@ static __always_inline int is_vm_mac(const struct mac_addr *mac)
     return hint && *hint && vm_macs.lookup((struct mac_addr *)mac);
 }
 
-/* Remember a MAC behind the bridge. 0, or -1 when the table is full (the frame is dropped). */
-static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
+/* Whether a frame from `port` may carry `src` as its source MAC: 0, with *seen its vm_macs entry (NULL
+ * for a MAC new to macnat), or the counter of the refusal. A MAC belongs to the port it was first
+ * seen on; a static VM's MAC, put there by the manager with port 0, to the first port that uses it. */
+static __always_inline int vet_mac(struct macnat_config *cfg, const struct mac_addr *src, __u32 port,
+                                   struct port_state *state, struct vm_mac **seen)
 {
-    struct mac_seen *seen = vm_macs.lookup((struct mac_addr *)mac);
+    struct vm_mac *known = vm_macs.lookup((struct mac_addr *)src);
+    *seen = known;
+    if (known)
+        return known->port == port || known->port == 0 ? 0 : MACNAT_CNT_REFUSED_MAC_PORT;
+    if (mac_eq(src->addr, cfg->wifi_mac))
+        return MACNAT_CNT_REFUSED_MAC_WIFI;
+    if (lan_macs.lookup((struct mac_addr *)src))
+        return MACNAT_CNT_REFUSED_MAC_LAN;
+    if (!port_has_room(cfg, state, port, MACNAT_PORT_MACS))
+        return MACNAT_CNT_REFUSED_LIMIT_MACS;
+    return 0;
+}
+
+/* Remember a vetted MAC on its port. 0, or -1 when the table is full (the frame is dropped). */
+static __always_inline int commit_mac(struct macnat_config *cfg, const struct mac_addr *mac, __u32 port,
+                                      struct port_state *state, struct vm_mac *seen, __u64 now)
+{
     if (seen) {
         touch(&seen->last_seen_ns, now);
+        if (seen->port == 0) {
+            seen->port = port;
+            port_learned(state, MACNAT_PORT_MACS);
+        }
         return 0;
     }
-    struct mac_seen fresh = { .last_seen_ns = now };
-    if (vm_macs.update((struct mac_addr *)mac, &fresh)) {
+    struct vm_mac fresh = { .last_seen_ns = now, .port = port };
+    if (vm_macs.insert((struct mac_addr *)mac, &fresh)) {
         count(MACNAT_CNT_DROP_TABLE_FULL);
         return -1;
     }
@@ -228,95 +406,252 @@ static __always_inline int learn_mac(const struct mac_addr *mac, __u64 now)
     __u8 *hint = vm_hints.lookup(&slot);
     if (hint)
         *hint = 1;
+    port_learned(state, MACNAT_PORT_MACS);
     count(MACNAT_CNT_LEARNED_MAC);
+    emit(cfg, MACNAT_CNT_LEARNED_MAC, port, mac->addr, NULL, NULL, now);
     return 0;
 }
 
-/* (Re)bind ip to mac, given what bindings held for it. 0, or -1 when the address is refused. */
-static __always_inline int bind_ip(struct ip_addr *ip, const struct mac_addr *mac, __u64 now, struct binding *known,
-                                   __u64 packets, __u64 bytes)
+static __always_inline int in_prefix(__u32 host, __u32 network, __u32 mask)
 {
-    if (host_addrs.lookup(ip)) {
-        refuse(ip, mac, MACNAT_CNT_REFUSED_HOST_IP, now);
-        return -1;
+    return (host & mask) == network;
+}
+
+/* 0 when ip, from a frame of the family `ipv6` says, is an address a VM may have, as far as the
+ * address itself goes; else the refusal's counter. Only plausible unicast: no loopback, group,
+ * broadcast or reserved address, no family crossing (an IPv6 address in ::/8 would land on the IPv4
+ * keys), link-local IPv4 and documentation prefixes only if configured, and inside the LAN's on-link
+ * prefixes when the manager knows them. */
+static __always_inline int vet_address(struct macnat_config *cfg, const struct ip_addr *ip, int ipv6)
+{
+    struct onlink_key key = { .prefixlen = 128 };
+    __builtin_memcpy(&key.addr, ip, sizeof(key.addr));
+    if (!ipv6) {
+        __u32 host = bpf_ntohl(ip->addr[3]);
+        __u32 first = host >> 24;
+        /* 0/8, 127/8, 224/4 (multicast) and 240/4 (reserved, with the limited broadcast) */
+        if (first == 0 || first == 127 || first >= 224)
+            return MACNAT_CNT_REFUSED_ADDRESS;
+        if (in_prefix(host, 0xa9fe0000, 0xffff0000))  /* 169.254/16: on-link wherever it is allowed */
+            return cfg->flags & MACNAT_CFG_ALLOW_IPV4_LINK_LOCAL ? 0 : MACNAT_CNT_REFUSED_ADDRESS;
+        if (!(cfg->flags & MACNAT_CFG_ALLOW_DOCUMENTATION) &&  /* RFC 5737 */
+            (in_prefix(host, 0xc0000200, 0xffffff00) || in_prefix(host, 0xc6336400, 0xffffff00) ||
+             in_prefix(host, 0xcb007100, 0xffffff00)))
+            return MACNAT_CNT_REFUSED_ADDRESS;
+        if (!(cfg->flags & MACNAT_CFG_ONLINK_IPV4))
+            return 0;
+        struct onlink_prefix *prefix = onlink.lookup(&key);
+        if (!prefix || prefix->prefixlen < 96 || prefix->prefixlen > 128)  /* an IPv6 prefix does not count */
+            return MACNAT_CNT_REFUSED_ADDRESS;
+        __u32 length = prefix->prefixlen - 96;
+        if (length <= 30) {  /* the subnet's network and broadcast addresses (a /31 has neither, RFC 3021) */
+            __u32 host_part = length ? 0xffffffff >> length : 0xffffffff;
+            if (!(host & host_part) || (host & host_part) == host_part)
+                return MACNAT_CNT_REFUSED_ADDRESS;
+        }
+        return 0;
     }
-    if (known && (known->flags & MACNAT_BINDING_STATIC)) {
-        refuse(ip, mac, MACNAT_CNT_REFUSED_STATIC, now);
-        return -1;
+    __u32 first = bpf_ntohl(ip->addr[0]);
+    if (ipv6_reserved(ip) || ipv6_multicast(ip))
+        return MACNAT_CNT_REFUSED_ADDRESS;
+    if (in_prefix(first, 0xfe800000, 0xffc00000))  /* fe80::/10 is on-link by definition */
+        return 0;
+    if (!(cfg->flags & MACNAT_CFG_ALLOW_DOCUMENTATION) &&  /* RFC 3849, RFC 9637 */
+        (first == 0x20010db8 || in_prefix(first, 0x3fff0000, 0xfffff000)))
+        return MACNAT_CNT_REFUSED_ADDRESS;
+    if ((cfg->flags & MACNAT_CFG_ONLINK_IPV6) && !onlink.lookup(&key))
+        return MACNAT_CNT_REFUSED_ADDRESS;
+    return 0;
+}
+
+static __always_inline __u32 family_kind(const struct ip_addr *ip)
+{
+    return is_ipv4_key(ip) ? MACNAT_PORT_IPV4 : MACNAT_PORT_IPV6;
+}
+
+/* Whether the VM `mac` on `port` may have `ip` bound to it, given what bindings holds for it
+ * (`known`): 0, or the refusal's counter. A binding never moves on an ordinary frame: a claim of
+ * another VM's address is refused and recorded, for the manager to probe the owner. */
+static __always_inline int vet_claim(struct macnat_config *cfg, const struct ip_addr *ip, int ipv6,
+                                     const struct mac_addr *mac, __u32 port, struct port_state *state,
+                                     struct binding *known)
+{
+    int reason = vet_address(cfg, ip, ipv6);
+    if (reason)
+        return reason;
+    if (host_addrs.lookup((struct ip_addr *)ip))
+        return MACNAT_CNT_REFUSED_HOST_IP;
+    if (known) {
+        if (mac_eq(known->mac, mac->addr))
+            return 0;
+        return known->flags & MACNAT_BINDING_STATIC ? MACNAT_CNT_REFUSED_STATIC : MACNAT_CNT_REFUSED_CLAIM;
     }
-    struct binding fresh = { .last_seen_ns = now, .tx_packets = packets, .tx_bytes = bytes };
+    if (lan_addrs.lookup((struct ip_addr *)ip))
+        return MACNAT_CNT_REFUSED_LAN_IP;
+    if (!port_has_room(cfg, state, port, family_kind(ip)))
+        return is_ipv4_key(ip) ? MACNAT_CNT_REFUSED_LIMIT_IPV4 : MACNAT_CNT_REFUSED_LIMIT_IPV6;
+    return 0;
+}
+
+/* Bind a vetted address to its VM. 0, or -1 when the table is full. */
+static __always_inline int commit_binding(struct macnat_config *cfg, struct ip_addr *ip, const struct mac_addr *mac,
+                                          __u32 port, struct port_state *state, struct binding *known, __u64 now,
+                                          __u64 packets, __u64 bytes)
+{
+    if (known) {  /* the VM's own: static and not used yet, or from before its port was released */
+        known->port = port;
+        touch(&known->last_seen_ns, now);
+        __sync_fetch_and_add(&known->tx_packets, packets);
+        __sync_fetch_and_add(&known->tx_bytes, bytes);
+        return 0;
+    }
+    struct binding fresh = { .port = port, .last_seen_ns = now, .tx_packets = packets, .tx_bytes = bytes };
     __builtin_memcpy(fresh.mac, mac->addr, 6);
-    if (bindings.update(ip, &fresh)) {
+    if (bindings.insert(ip, &fresh)) {
         count(MACNAT_CNT_DROP_TABLE_FULL);
         return -1;
     }
-    count(known ? MACNAT_CNT_MOVED_IP : MACNAT_CNT_LEARNED_IP);
+    port_learned(state, family_kind(ip));
+    count(MACNAT_CNT_LEARNED_IP);
+    emit(cfg, MACNAT_CNT_LEARNED_IP, port, mac->addr, NULL, ip, now);
     return 0;
 }
 
-/* Bind an address a VM sends from to its MAC. 0, or -1 when the frame must be dropped. */
-static __always_inline int learn_ip(struct ip_addr *ip, const struct mac_addr *mac, __u64 now, __u32 len)
+/* ---- DHCP ------------------------------------------------------------------------------------ */
+
+/* A VM's DHCP request (BOOTP op 1, Ethernet), as far as macnat rewrites and remembers it. */
+struct dhcp_request_seen {
+    __u32 udp_off;
+    __be32 xid;
+    struct mac_addr chaddr;
+    __be16 flags;
+};
+
+/* The DHCP request in a VM's unfragmented IPv4/UDP datagram at l4_off (UDP 68 -> 67 already seen);
+ * 0 when it is one whose fixed fields lie within the UDP and IPv4 lengths, else -1. */
+static __always_inline int parse_dhcp_request(struct __sk_buff *skb, __u32 l4_off, __u32 l3_end,
+                                              struct dhcp_request_seen *req)
 {
-    struct binding *known = bindings.lookup(ip);
-    if (known && mac_eq(known->mac, mac->addr)) {
-        touch(&known->last_seen_ns, now);
-        __sync_fetch_and_add(&known->tx_packets, 1);
-        __sync_fetch_and_add(&known->tx_bytes, len);
-        return 0;
+    struct udphdr udp;
+    __u8 head[12];  /* op, htype, hlen, hops, xid, secs, flags */
+    if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)))
+        return -1;
+    __u32 end = l4_off + bpf_ntohs(udp.len);
+    __u32 bootp = l4_off + sizeof(udp);
+    if (end > l3_end || end < bootp + BOOTP_OPTIONS_OFF ||
+        bpf_skb_load_bytes(skb, bootp, head, sizeof(head)) ||
+        bpf_skb_load_bytes(skb, bootp + offsetof(struct bootp_head, chaddr), req->chaddr.addr, 6))
+        return -1;
+    if (head[0] != 1 || head[1] != 1 || head[2] != 6)
+        return -1;
+    req->udp_off = l4_off;
+    __builtin_memcpy(&req->xid, head + 4, 4);
+    __builtin_memcpy(&req->flags, head + BOOTP_FLAGS_OFF, 2);
+    return 0;
+}
+
+/* Remember a VM's request, so that the server's DHCPACK binds the address to this VM at once. A
+ * recent request of another VM with the same xid is not overwritten (a VM sees the others'
+ * broadcasts, xids included), and each port has a limit of requests remembered. */
+static __always_inline void remember_dhcp_request(struct macnat_config *cfg, const struct dhcp_request_seen *req,
+                                                  const struct mac_addr *src, __u32 port, __u64 now)
+{
+    if (!mac_eq(req->chaddr.addr, src->addr))
+        return;  /* a relay or a client with another identity: its ACK is not this VM's to bind */
+    struct dhcp_request *known = dhcp_requests.lookup((__be32 *)&req->xid);
+    if (known && mac_eq(known->mac, src->addr) && known->port == port) {
+        touch(&known->time_ns, now);  /* a retransmission, or the REQUEST after the DISCOVER */
+        return;
     }
-    return bind_ip(ip, mac, now, known, 1, len);
+    if (known && !mac_eq(known->mac, src->addr) && now - known->time_ns < MACNAT_DHCP_REQUEST_TTL_NS) {
+        count(MACNAT_CNT_DHCP_UNTRACKED);
+        return;
+    }
+    struct port_state *state = port_state(port);
+    if (!state)
+        return;
+    int fresh_for_port = !known || known->port != port;
+    if (fresh_for_port && !port_has_room(cfg, state, port, MACNAT_PORT_DHCP_REQUESTS)) {
+        count(MACNAT_CNT_DHCP_UNTRACKED);
+        return;
+    }
+    struct dhcp_request entry = { .port = port, .time_ns = now };
+    __builtin_memcpy(entry.mac, src->addr, 6);
+    if (dhcp_requests.update((__be32 *)&req->xid, &entry)) {
+        count(MACNAT_CNT_DHCP_UNTRACKED);
+        return;
+    }
+    if (fresh_for_port)
+        port_learned(state, MACNAT_PORT_DHCP_REQUESTS);
 }
 
 /* A VM's DHCP request gets the BOOTP broadcast flag, so the server's answer is a broadcast that
  * the AP delivers: a unicast reply would be addressed to the VM's MAC, which the AP never sends to
  * the station. The UDP checksum is updated incrementally (RFC 1624); a zero checksum (none) stays
  * zero, and a CHECKSUM_PARTIAL skb keeps its pseudo-header sum for the device to finish. */
-static __always_inline void set_dhcp_broadcast(struct __sk_buff *skb, __u32 l4_off)
+static __always_inline void set_dhcp_broadcast(struct __sk_buff *skb, const struct dhcp_request_seen *req)
 {
-    struct udphdr udp;
-    __u8 op;
-    __be16 flags;
-
-    if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) ||
-        udp.source != DHCP_CLIENT_PORT_BE || udp.dest != DHCP_SERVER_PORT_BE)
+    if (req->flags & BOOTP_BROADCAST_BE)
         return;
-    __u32 bootp = l4_off + sizeof(udp);
-    if (bpf_skb_load_bytes(skb, bootp, &op, 1) || op != 1 ||
-        bpf_skb_load_bytes(skb, bootp + BOOTP_FLAGS_OFF, &flags, 2) || (flags & BOOTP_BROADCAST_BE))
-        return;
-    __be16 with_broadcast = flags | BOOTP_BROADCAST_BE;
-    bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), flags, with_broadcast,
-                        BPF_F_MARK_MANGLED_0 | sizeof(flags));
-    bpf_skb_store_bytes(skb, bootp + BOOTP_FLAGS_OFF, &with_broadcast, sizeof(with_broadcast), 0);
+    __be16 with_broadcast = req->flags | BOOTP_BROADCAST_BE;
+    __u32 flags_off = req->udp_off + sizeof(struct udphdr) + BOOTP_FLAGS_OFF;
+    bpf_l4_csum_replace(skb, req->udp_off + offsetof(struct udphdr, check), req->flags, with_broadcast,
+                        BPF_F_MARK_MANGLED_0 | sizeof(with_broadcast));
+    bpf_skb_store_bytes(skb, flags_off, &with_broadcast, sizeof(with_broadcast), 0);
     count(MACNAT_CNT_DHCP_FLAG_SET);
 }
 
-/* The fixed head of a BOOTP message (RFC 951), up to chaddr. */
-struct bootp_head {
-    __u8 op;
-    __u8 htype;
-    __u8 hlen;
-    __u8 hops;
-    __be32 xid;
-    __be16 secs;
-    __be16 flags;
-    __be32 ciaddr;
-    __be32 yiaddr;
-    __be32 siaddr;
-    __be32 giaddr;
-    unsigned char chaddr[16];
-} __attribute__((packed));
+/* Bind (or move) a leased address to the VM whose own request the DHCPACK answers: the server is the
+ * authority on its leases, so the address moves at once even from another VM, and an address the LAN
+ * was seen using (unless pinned, as the gateway's is) is the server's to re-assign. */
+static __always_inline void bind_from_dhcp(struct macnat_config *cfg, struct ip_addr *ip, const struct mac_addr *mac,
+                                           __u32 port, __u64 now)
+{
+    struct port_state *state = port_state(port);
+    if (!state)
+        return;
+    struct binding *known = bindings.lookup(ip);
+    if (known && mac_eq(known->mac, mac->addr)) {
+        touch(&known->last_seen_ns, now);
+        return;
+    }
+    struct lan_addr *lan = lan_addrs.lookup(ip);
+    int reason = vet_address(cfg, ip, 0);
+    if (!reason && host_addrs.lookup(ip))
+        reason = MACNAT_CNT_REFUSED_HOST_IP;
+    if (!reason && known && (known->flags & MACNAT_BINDING_STATIC))
+        reason = MACNAT_CNT_REFUSED_STATIC;
+    if (!reason && lan && (lan->flags & MACNAT_LAN_PINNED))
+        reason = MACNAT_CNT_REFUSED_LAN_IP;
+    if (!reason && !port_has_room(cfg, state, port, MACNAT_PORT_IPV4))
+        reason = MACNAT_CNT_REFUSED_LIMIT_IPV4;
+    if (reason) {
+        refuse(cfg, reason, port, mac, ip, known ? known->mac : NULL, now);
+        return;
+    }
+    struct binding fresh = { .port = port, .last_seen_ns = now };
+    __builtin_memcpy(fresh.mac, mac->addr, 6);
+    unsigned char owner[6] = {};
+    if (known)
+        __builtin_memcpy(owner, known->mac, 6);
+    if (bindings.update(ip, &fresh)) {
+        count(MACNAT_CNT_DROP_TABLE_FULL);
+        return;
+    }
+    if (lan)
+        lan_addrs.delete(ip);
+    port_learned(state, MACNAT_PORT_IPV4);
+    __u16 kind = known ? MACNAT_CNT_MOVED_IP : MACNAT_CNT_LEARNED_IP;
+    count(kind);
+    emit(cfg, kind, port, mac->addr, known ? owner : NULL, ip, now);
+}
 
-#define BOOTP_OPTIONS_OFF 240   /* 236 bytes of fixed fields, then the 4-byte magic cookie */
-#define DHCP_OPT_PAD 0
-#define DHCP_OPT_END 255
-#define DHCP_OPT_MESSAGE_TYPE 53
-#define DHCP_ACK 5
-#define DHCP_MAX_OPTIONS_SCANNED 16
-
-/* A server's DHCPACK to one of the VMs binds the leased address at once: the VM is reachable from
- * the LAN before it has sent anything from that address. */
-static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, __u32 l4_off)
+/* A server's DHCPACK answering a VM's own recent request (xid and chaddr) binds the leased address at
+ * once: the VM is reachable from the LAN before it has sent anything from it. Any other DHCPACK (a
+ * forged one from a LAN host above all) binds nothing. Only what lies within the UDP and IPv4 lengths
+ * is read. */
+static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, struct macnat_config *cfg,
+                                                const struct mac_addr *src, __u32 l4_off, __u32 l3_end)
 {
     struct udphdr udp;
     struct bootp_head head;
@@ -324,55 +659,60 @@ static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, __u32 l4_
     if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) ||
         udp.source != DHCP_SERVER_PORT_BE || udp.dest != DHCP_CLIENT_PORT_BE)
         return;
+    __u32 end = l4_off + bpf_ntohs(udp.len);
     __u32 bootp = l4_off + sizeof(udp);
-    if (bpf_skb_load_bytes(skb, bootp, &head, sizeof(head)) || head.op != 2 || head.htype != 1 ||
-        head.hlen != 6 || !usable_ipv4(head.yiaddr))
-        return;
-    struct mac_addr mac;
-    __builtin_memcpy(mac.addr, head.chaddr, 6);
-    if (!vm_macs.lookup(&mac))
+    if (end > l3_end || end < bootp + BOOTP_OPTIONS_OFF ||
+        bpf_skb_load_bytes(skb, bootp, &head, sizeof(head)) || head.op != 2 || head.htype != 1 || head.hlen != 6)
         return;
 
     __u32 off = bootp + BOOTP_OPTIONS_OFF;
     for (int i = 0; i < DHCP_MAX_OPTIONS_SCANNED; i++) {
         __u8 option[3];
-        if (bpf_skb_load_bytes(skb, off, option, 1))
+        if (off >= end || bpf_skb_load_bytes(skb, off, option, 1))
             return;
         if (option[0] == DHCP_OPT_PAD) {
             off += 1;
             continue;
         }
-        if (option[0] == DHCP_OPT_END || bpf_skb_load_bytes(skb, off, option, 3))
+        if (option[0] == DHCP_OPT_END || off + 3 > end || bpf_skb_load_bytes(skb, off, option, 3))
             return;
         if (option[0] == DHCP_OPT_MESSAGE_TYPE) {
-            if (option[1] == 1 && option[2] == DHCP_ACK) {
-                __u64 now = bpf_ktime_get_coarse_ns();
-                struct ip_addr yiaddr;
-                ipv4_mapped(&yiaddr, head.yiaddr);
-                struct binding *known = bindings.lookup(&yiaddr);
-                if (known && mac_eq(known->mac, mac.addr))
-                    touch(&known->last_seen_ns, now);
-                else
-                    bind_ip(&yiaddr, &mac, now, known, 0, 0);
+            if (option[1] != 1 || option[2] != DHCP_ACK)
+                return;
+            __u64 now = bpf_ktime_get_coarse_ns();
+            struct mac_addr client;
+            struct ip_addr yiaddr;
+            __builtin_memcpy(client.addr, head.chaddr, 6);
+            ipv4_mapped(&yiaddr, head.yiaddr);
+            struct dhcp_request *req = dhcp_requests.lookup(&head.xid);
+            if (!req || !mac_eq(req->mac, client.addr) || now - req->time_ns >= MACNAT_DHCP_REQUEST_TTL_NS) {
+                count(MACNAT_CNT_DHCP_ACK_UNMATCHED);
+                emit(cfg, MACNAT_CNT_DHCP_ACK_UNMATCHED, 0, src->addr, client.addr, &yiaddr, now);
+                return;
             }
+            if (head.yiaddr)
+                bind_from_dhcp(cfg, &yiaddr, &client, req->port, now);
             return;
         }
         off += 2 + option[1];
     }
 }
 
-/* Offset of the UDP header of an unfragmented IPv4/UDP frame, or 0. */
-static __always_inline __u32 ipv4_udp_offset(struct __sk_buff *skb)
+/* Offset of the UDP header of an unfragmented IPv4/UDP frame, or 0; *l3_end the end of the datagram. */
+static __always_inline __u32 ipv4_udp_offset(struct __sk_buff *skb, __u32 *l3_end)
 {
     struct iphdr iph;
     if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &iph, sizeof(iph)) || iph.ihl < 5 ||
         iph.protocol != IPPROTO_UDP || (iph.frag_off & IP_FRAGMENT_MASK_BE))
         return 0;
+    *l3_end = sizeof(struct ethhdr) + bpf_ntohs(iph.tot_len);
     return sizeof(struct ethhdr) + iph.ihl * 4;
 }
 
+/* ---- neighbour discovery --------------------------------------------------------------------- */
+
 /* Where the options of an NDP message of this type start, relative to the ICMPv6 header; 0 when the
- * type carries no link-layer address options. */
+ * type is not NDP. */
 static __always_inline __u32 ndp_options_offset(__u8 type)
 {
     switch (type) {
@@ -389,39 +729,245 @@ static __always_inline __u32 ndp_options_offset(__u8 type)
     return 0;
 }
 
-/* Source/Target Link-Layer Address options carrying a VM's MAC get the Wi-Fi MAC, wherever they
- * stand among the options; the ICMPv6 checksum is updated by the difference over each 8-byte option
- * (the pseudo-header does not change). -1 for a malformed option list (RFC 4861 4.6: length 0). */
-static __always_inline int rewrite_ndp_options(struct __sk_buff *skb, struct macnat_config *cfg, __u32 l4_off,
-                                               __u32 off, const struct mac_addr *src)
+/* The upper-layer protocol of an IPv6 packet whose header chain continues at *off with `nexthdr`,
+ * skipping hop-by-hop, routing, destination options, fragment and AH headers as a receiver does;
+ * *off is left at the upper-layer header. IPPROTO_NONE for a fragment other than the first (its
+ * upper-layer header is elsewhere), -1 for a chain longer than the bound or beyond `end`. */
+static __always_inline int ipv6_upper_layer(struct __sk_buff *skb, __u8 nexthdr, __u32 *off, __u32 end,
+                                            int *fragmented)
+{
+    for (int i = 0; i < IPV6_MAX_EXT_HEADERS; i++) {
+        if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING && nexthdr != IPPROTO_DSTOPTS &&
+            nexthdr != IPPROTO_FRAGMENT && nexthdr != IPPROTO_AH)
+            return nexthdr;
+        __u8 ext[4];  /* next header, length, and for a fragment header its offset and flags */
+        if (*off + 8 > end || bpf_skb_load_bytes(skb, *off, ext, sizeof(ext)))
+            return -1;
+        if (nexthdr == IPPROTO_FRAGMENT) {
+            *fragmented = 1;
+            if (((__u16)ext[2] << 8 | ext[3]) & IPV6_FRAGMENT_OFFSET_MASK)
+                return IPPROTO_NONE;
+            *off += 8;
+        } else if (nexthdr == IPPROTO_AH) {
+            *off += ((__u32)ext[1] + 2) * 4;
+        } else {
+            *off += ((__u32)ext[1] + 1) * 8;
+        }
+        nexthdr = ext[0];
+    }
+    return -1;
+}
+
+/* A MAC inside ARP or NDP that must not leave: the sender's or another VM's. */
+static __always_inline int vm_mac_inside(const unsigned char *mac, const struct mac_addr *src)
+{
+    struct mac_addr carried;
+    __builtin_memcpy(carried.addr, mac, 6);
+    return mac_eq(carried.addr, src->addr) || is_vm_mac(&carried);
+}
+
+/* The option list of an NDP message, from off to end (the IPv6 payload's end), as a receiver reads
+ * it (RFC 4861 4.6): 1 when it has link-layer address options, 0 when it has none, -1 for a list a
+ * receiver rejects (an option of length 0, or past the payload), a link-layer option that is no
+ * Ethernet address (not 8 bytes), or a list longer than the walk's bound. Only lengths are read, and
+ * the loop has one exit, at its end: the verifier then follows the rest of the program from three
+ * states, not from one per option. */
+static __always_inline int ndp_link_layer_options(struct __sk_buff *skb, __u32 off, __u32 end)
+{
+    int verdict = -1, found = 0, done = 0;
+    for (int i = 0; i < NDP_MAX_OPTIONS; i++) {
+        __u8 option[2] = {};
+        if (done)
+            continue;
+        if (off >= end) {
+            verdict = found;
+            done = 1;
+            continue;
+        }
+        __u32 length = 0;
+        if (off + 2 <= end && !bpf_skb_load_bytes(skb, off, option, 2))
+            length = option[1] * 8;
+        int link_layer = option[0] == ND_OPT_SOURCE_LL || option[0] == ND_OPT_TARGET_LL;
+        if (!length || off + length > end || (link_layer && length != 8)) {
+            done = 1;
+            continue;
+        }
+        found |= link_layer;
+        off += length;
+    }
+    if (!done && off >= end)
+        verdict = found;
+    return verdict;
+}
+
+/* Every link-layer address option of a validated NDP message that carries a VM's MAC (the sender's or
+ * another's) gets the Wi-Fi MAC; the ICMPv6 checksum is updated by the difference over the option
+ * (the pseudo-header does not change). */
+static __always_inline void rewrite_ndp_options(struct __sk_buff *skb, struct macnat_config *cfg, __u32 l4_off,
+                                                __u32 off, __u32 end, const struct mac_addr *src)
 {
     for (int i = 0; i < NDP_MAX_OPTIONS; i++) {
         __u8 option[8];
-        if (off + 2 > skb->len)
-            return 0;
-        if (bpf_skb_load_bytes(skb, off, option, 2))
-            return -1;
-        if (option[1] == 0)
-            return -1;
-        if ((option[0] == ND_OPT_SOURCE_LL || option[0] == ND_OPT_TARGET_LL) && option[1] == 1) {
-            if (bpf_skb_load_bytes(skb, off, option, sizeof(option)))
-                return -1;
-            struct mac_addr carried;
-            __builtin_memcpy(carried.addr, option + 2, 6);
-            if (mac_eq(carried.addr, src->addr) || vm_macs.lookup(&carried)) {
-                __u8 rewritten[8];
-                __builtin_memcpy(rewritten, option, 2);
-                __builtin_memcpy(rewritten + 2, cfg->wifi_mac, 6);
-                __s64 diff = bpf_csum_diff((__be32 *)option, sizeof(option), (__be32 *)rewritten,
-                                           sizeof(rewritten), 0);
-                bpf_l4_csum_replace(skb, l4_off + ICMPV6_CSUM_OFF, 0, diff, 0);
-                bpf_skb_store_bytes(skb, off + 2, cfg->wifi_mac, 6, 0);
-                count(MACNAT_CNT_NDP_REWRITTEN);
-            }
+        if (off + 8 > end || bpf_skb_load_bytes(skb, off, option, sizeof(option)))
+            return;
+        if ((option[0] == ND_OPT_SOURCE_LL || option[0] == ND_OPT_TARGET_LL) && vm_mac_inside(option + 2, src)) {
+            __u8 rewritten[8];
+            __builtin_memcpy(rewritten, option, 2);
+            __builtin_memcpy(rewritten + 2, cfg->wifi_mac, 6);
+            __s64 diff = bpf_csum_diff((__be32 *)option, sizeof(option), (__be32 *)rewritten, sizeof(rewritten), 0);
+            bpf_l4_csum_replace(skb, l4_off + ICMPV6_CSUM_OFF, 0, diff, 0);
+            bpf_skb_store_bytes(skb, off + 2, cfg->wifi_mac, 6, 0);
+            count(MACNAT_CNT_NDP_REWRITTEN);
         }
         off += option[1] * 8;
     }
+}
+
+/* ---- VM -> Wi-Fi ----------------------------------------------------------------------------- */
+
+/* What the parse of a VM frame found, for the learning and rewriting that follow. */
+struct vm_frame {
+    struct ip_addr ip;          /* the source address, bound to the VM when `learn` */
+    struct ip_addr dad_target;  /* the address a duplicate address detection probe claims */
+    struct dhcp_request_seen dhcp;
+    __u32 icmp6_off;            /* an NDP message with link-layer options: where it and they are */
+    __u32 ndp_opts_off;
+    __u32 l3_end;
+    __u8 learn;
+    __u8 ipv6;                  /* ip came from an IPv6 header */
+    __u8 dad;
+    __u8 is_dhcp;
+    __u8 rewrite_sha;
+    __u8 rewrite_tha;
+};
+
+/* Parse and validate a VM frame completely, changing nothing: 0, or -1 for a frame to drop as
+ * malformed (a receiver would reject it, or macnat could not rewrite what a receiver reads). */
+static __always_inline int parse_vm_frame(struct __sk_buff *skb, struct macnat_config *cfg, __be16 proto,
+                                          const struct mac_addr *src, struct vm_frame *f)
+{
+    if (proto == bpf_htons(ETH_P_ARP)) {
+        struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, NULL);
+        if (!arp || !arp_translatable(arp))
+            return -1;
+        __be32 spa = load_ipv4(arp->spa);
+        ipv4_mapped(&f->ip, spa);
+        f->learn = spa != 0;  /* 0.0.0.0: an address probe (RFC 5227), nobody's address */
+        f->rewrite_sha = vm_mac_inside(arp->sha, src);
+        f->rewrite_tha = !is_zero(arp->tha) && vm_mac_inside(arp->tha, src);
+        return 0;
+    }
+    if (proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *iph = l3_header(skb, ETH_IP_LEN, NULL);
+        if (!iph || iph->version != 4 || iph->ihl < 5)
+            return -1;
+        __u32 total = bpf_ntohs(iph->tot_len);
+        if (total < iph->ihl * 4 || sizeof(struct ethhdr) + total > skb->len)
+            return -1;
+        f->l3_end = sizeof(struct ethhdr) + total;
+        ipv4_mapped(&f->ip, iph->saddr);
+        f->learn = iph->saddr != 0;  /* 0.0.0.0: a DHCP client before its lease */
+        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE)) {
+            /* Only DHCP requests go to the (helper-based) flag rewrite; other UDP stays cheap. */
+            __u32 l4_off = sizeof(struct ethhdr) + iph->ihl * 4;
+            struct udphdr *udp = (void *)iph + iph->ihl * 4;
+            if ((void *)(udp + 1) <= (void *)(long)skb->data_end && udp->dest == DHCP_SERVER_PORT_BE &&
+                udp->source == DHCP_CLIENT_PORT_BE)
+                f->is_dhcp = parse_dhcp_request(skb, l4_off, f->l3_end, &f->dhcp) == 0;
+        }
+        return 0;
+    }
+    if (proto != bpf_htons(ETH_P_IPV6))
+        return 0;
+    struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, NULL);
+    if (!ip6h || ip6h->version != 6)
+        return -1;
+    f->l3_end = ETH_IP6_LEN + bpf_ntohs(ip6h->payload_len);
+    if (f->l3_end > skb->len)
+        return -1;
+    __builtin_memcpy(&f->ip, &ip6h->saddr, sizeof(f->ip));
+    f->ipv6 = 1;
+    f->learn = !ipv6_unspecified(&f->ip);  /* ::: duplicate address detection, MLD before an address */
+    __u8 nexthdr = ip6h->nexthdr;
+    if (nexthdr != IPPROTO_ICMPV6 && nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
+        nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_FRAGMENT && nexthdr != IPPROTO_AH)
+        return 0;  /* the fast path: TCP, UDP, ... directly after the IPv6 header */
+    __u32 l4_off = ETH_IP6_LEN;
+    int fragmented = 0;
+    int upper = ipv6_upper_layer(skb, nexthdr, &l4_off, f->l3_end, &fragmented);
+    if (upper < 0)
+        return -1;
+    __u8 type;
+    if (upper != IPPROTO_ICMPV6 || l4_off + 4 > f->l3_end || bpf_skb_load_bytes(skb, l4_off, &type, 1))
+        return 0;
+    __u32 options = ndp_options_offset(type);
+    if (!options)
+        return 0;
+    /* RFC 6980: receivers drop fragmented NDP, and macnat could not read the options in later fragments. */
+    if (fragmented || l4_off + options > f->l3_end)
+        return -1;
+    int link_layer_options = ndp_link_layer_options(skb, l4_off + options, f->l3_end);
+    if (link_layer_options < 0)
+        return -1;
+    if (link_layer_options) {
+        f->icmp6_off = l4_off;
+        f->ndp_opts_off = l4_off + options;
+    }
+    /* Duplicate address detection (RFC 4862): the VM announces the address it is about to use; it is
+     * bound with the probe. */
+    f->dad = type == ICMPV6_NEIGHBOUR_SOLICIT && !f->learn &&
+             !bpf_skb_load_bytes(skb, l4_off + NDP_TARGET_OFF, &f->dad_target, sizeof(f->dad_target));
     return 0;
+}
+
+/* Learn what a vetted VM frame shows; 0, or -1 when it must be dropped (refused, or a table full).
+ * Everything is checked before anything is written. */
+static __always_inline int learn_vm_frame(struct macnat_config *cfg, struct vm_frame *f, const struct mac_addr *src,
+                                          __u32 port, struct binding *known, __u64 now, __u32 len)
+{
+    struct port_state *state = port_state(port);
+    if (!state) {
+        count(MACNAT_CNT_DROP_TABLE_FULL);
+        return -1;
+    }
+    struct vm_mac *seen;
+    int reason = vet_mac(cfg, src, port, state, &seen);
+    if (reason) {
+        refuse(cfg, reason, port, src, NULL, NULL, now);
+        return -1;
+    }
+    if (f->learn) {
+        reason = vet_claim(cfg, &f->ip, f->ipv6, src, port, state, known);
+        if (reason) {
+            refuse(cfg, reason, port, src, &f->ip, known ? known->mac : NULL, now);
+            return -1;
+        }
+    }
+    if (commit_mac(cfg, src, port, state, seen, now))
+        return -1;
+    if (f->learn && commit_binding(cfg, &f->ip, src, port, state, known, now, 1, len)) {
+        if (!seen)
+            vm_macs.delete((struct mac_addr *)src);
+        return -1;
+    }
+    if (f->dad) {
+        /* A refused claim by DAD is recorded, but the probe goes on: the host, the LAN host or the VM
+         * that has the address defends it, and the prober learns it may not have it. */
+        struct binding *target = bindings.lookup(&f->dad_target);
+        if (target && mac_eq(target->mac, src->addr) && target->port == port)
+            touch(&target->last_seen_ns, now);
+        else if ((reason = vet_claim(cfg, &f->dad_target, 1, src, port, state, target)))
+            refuse(cfg, reason, port, src, &f->dad_target, target ? target->mac : NULL, now);
+        else
+            commit_binding(cfg, &f->dad_target, src, port, state, target, now, 0, 0);
+    }
+    return 0;
+}
+
+static __always_inline int drop(__u32 counter)
+{
+    count(counter);
+    return TC_ACT_SHOT;
 }
 
 /* Everything the bridge sends towards the LAN: from the VMs. */
@@ -431,103 +977,52 @@ int uplink_egress(struct __sk_buff *skb)
     if (!cfg || !cfg->wifi_ifindex)
         return TC_ACT_SHOT;
 
-    /* Frames macnat itself put into the bridge (from Wi-Fi, or from the host, which has no
-     * ingress interface) come back here when the bridge floods them: they are not the VMs'. */
-    if (skb->ingress_ifindex == 0 || skb->ingress_ifindex == cfg->wifi_ifindex) {
-        count(MACNAT_CNT_DROP_ECHO);
-        return TC_ACT_SHOT;
-    }
-    if (!pull(skb, sizeof(struct ethhdr))) {
-        count(MACNAT_CNT_DROP_MALFORMED);
-        return TC_ACT_SHOT;
-    }
+    /* The bridge port the frame entered by: the VM's (skb_iif survives the bridge's forwarding). Frames
+     * macnat itself put into the bridge (from Wi-Fi, or from the host, which has no ingress interface)
+     * come back here when the bridge floods them: they are not the VMs'. */
+    __u32 port = skb->ingress_ifindex;
+    if (port == 0 || port == cfg->wifi_ifindex)
+        return drop(MACNAT_CNT_DROP_ECHO);
+    /* One untagged LAN: a 3-address station has no VLANs, and a tag would hide ARP, NDP and DHCP from
+     * the translation (a vlan-aware bridge hands the tag over out of band, in skb->vlan_present). */
+    if (skb->vlan_present)
+        return drop(MACNAT_CNT_DROP_VLAN);
+    if (!pull(skb, sizeof(struct ethhdr)))
+        return drop(MACNAT_CNT_DROP_MALFORMED);
     struct ethhdr *eth = (void *)(long)skb->data;
     struct mac_addr src, dst;
     __builtin_memcpy(src.addr, eth->h_source, 6);
     __builtin_memcpy(dst.addr, eth->h_dest, 6);
     __be16 proto = eth->h_proto;
 
-    if (is_group(src.addr) || is_zero(src.addr)) {
-        count(MACNAT_CNT_DROP_MALFORMED);
-        return TC_ACT_SHOT;
-    }
-    if (is_vm_mac(&dst)) {  /* unknown unicast between VMs, flooded: the bridge delivered it */
-        count(MACNAT_CNT_DROP_VM_TO_VM);
-        return TC_ACT_SHOT;
-    }
-    int rewrite_sha = 0, rewrite_tha = 0, learn = 0;
-    __u32 udp_off = 0, icmp6_off = 0, ndp_opts_off = 0;
-    struct ip_addr ip, dad_target;
-    int dad = 0;
-    if (proto == bpf_htons(ETH_P_ARP)) {
-        struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, NULL);
-        if (!arp || arp->htype != ARPHRD_ETHER_BE || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 ||
-            arp->plen != 4) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        __be32 spa = load_ipv4(arp->spa);
-        ipv4_mapped(&ip, spa);
-        learn = usable_ipv4(spa);
-        rewrite_sha = mac_eq(arp->sha, src.addr);
-        rewrite_tha = mac_eq(arp->tha, src.addr);
-    } else if (proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *iph = l3_header(skb, ETH_IP_LEN, NULL);
-        if (!iph || iph->ihl < 5) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        ipv4_mapped(&ip, iph->saddr);
-        learn = usable_ipv4(iph->saddr);
-        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE)) {
-            /* Only DHCP requests go to the (helper-based) flag rewrite; other UDP stays cheap. */
-            struct udphdr *udp = (void *)iph + iph->ihl * 4;
-            if ((void *)(udp + 1) <= (void *)(long)skb->data_end && udp->dest == DHCP_SERVER_PORT_BE &&
-                udp->source == DHCP_CLIENT_PORT_BE)
-                udp_off = sizeof(struct ethhdr) + iph->ihl * 4;
-        }
-    } else if (proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, NULL);
-        if (!ip6h) {
-            count(MACNAT_CNT_DROP_MALFORMED);
-            return TC_ACT_SHOT;
-        }
-        __builtin_memcpy(&ip, &ip6h->saddr, sizeof(ip));
-        learn = !ipv6_unspecified(&ip) && !ipv6_multicast(&ip);
-        if (ip6h->nexthdr == IPPROTO_ICMPV6)
-            icmp6_off = ETH_IP6_LEN;
-    }
-    if (icmp6_off) {
-        __u8 type;
-        if (bpf_skb_load_bytes(skb, icmp6_off, &type, 1) == 0) {
-            __u32 options = ndp_options_offset(type);
-            ndp_opts_off = options ? icmp6_off + options : 0;
-            /* Duplicate address detection (RFC 4862): the VM announces the address it is about
-             * to use; it is bound below. */
-            dad = type == ICMPV6_NEIGHBOUR_SOLICIT && ipv6_unspecified(&ip) &&
-                  !bpf_skb_load_bytes(skb, icmp6_off + NDP_TARGET_OFF, &dad_target, sizeof(dad_target)) &&
-                  !ipv6_unspecified(&dad_target) && !ipv6_multicast(&dad_target);
-        }
-    }
+    if (is_group(src.addr) || is_zero(src.addr))
+        return drop(MACNAT_CNT_DROP_MALFORMED);
+    if (is_vm_mac(&dst))  /* unknown unicast between VMs, flooded: the bridge delivered it */
+        return drop(MACNAT_CNT_DROP_VM_TO_VM);
+    if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD) || proto == bpf_htons(ETH_P_QINQ_OLD))
+        return drop(MACNAT_CNT_DROP_VLAN);
+    /* 802.3 with a length: the AP turns an LLC/SNAP payload (ARP or IPv6 inside) into Ethernet II,
+     * with the VM's MAC in it untranslated. Nothing a VM needs on the LAN travels this way. */
+    if (bpf_ntohs(proto) < ETH_P_802_3_MIN)
+        return drop(MACNAT_CNT_DROP_LLC);
+
+    struct vm_frame f = {};
+    if (parse_vm_frame(skb, cfg, proto, &src, &f))
+        return drop(MACNAT_CNT_DROP_MALFORMED);
 
     __u64 now = bpf_ktime_get_coarse_ns();
-    struct binding *known = learn ? bindings.lookup(&ip) : NULL;
-    if (known && mac_eq(known->mac, src.addr)) {
-        /* The fast path: a binding implies its MAC is in vm_macs (learned first, never aged while
-         * bound), so only the binding is refreshed. */
+    struct binding *known = f.learn ? bindings.lookup(&f.ip) : NULL;
+    if (known && mac_eq(known->mac, src.addr) && known->port == port) {
+        /* The fast path: a binding implies its MAC is in vm_macs on this port (learned first, never
+         * aged while bound), so only the binding is refreshed. */
         touch(&known->last_seen_ns, now);
         __sync_fetch_and_add(&known->tx_packets, 1);
         __sync_fetch_and_add(&known->tx_bytes, skb->len);
-    } else {
-        if (learn_mac(&src, now))
-            return TC_ACT_SHOT;
-        if (learn && bind_ip(&ip, &src, now, known, 1, skb->len))
-            return TC_ACT_SHOT;
-        /* A claim of the host's address by DAD is refused, but the probe goes on, so the host
-         * can defend its address and the VM learns it may not have it. */
-        if (dad)
-            learn_ip(&dad_target, &src, now, skb->len);
+    } else if (learn_vm_frame(cfg, &f, &src, port, known, now, skb->len)) {
+        return TC_ACT_SHOT;
     }
+    if (f.is_dhcp)
+        remember_dhcp_request(cfg, &f.dhcp, &src, port, now);
 
     if (mac_eq(dst.addr, cfg->wifi_mac)) {
         count(MACNAT_CNT_VM_TO_HOST);
@@ -537,73 +1032,133 @@ int uplink_egress(struct __sk_buff *skb)
     if (is_group(dst.addr))
         bpf_clone_redirect(skb, cfg->wifi_ifindex, BPF_F_INGRESS);
 
-    if (ndp_opts_off && rewrite_ndp_options(skb, cfg, icmp6_off, ndp_opts_off, &src)) {
-        count(MACNAT_CNT_DROP_MALFORMED);
-        return TC_ACT_SHOT;
-    }
-    if (rewrite_sha)
+    if (f.ndp_opts_off)
+        rewrite_ndp_options(skb, cfg, f.icmp6_off, f.ndp_opts_off, f.l3_end, &src);
+    if (f.rewrite_sha)
         bpf_skb_store_bytes(skb, ARP_SHA_OFF, cfg->wifi_mac, 6, 0);
-    if (rewrite_tha)
+    if (f.rewrite_tha)
         bpf_skb_store_bytes(skb, ARP_THA_OFF, cfg->wifi_mac, 6, 0);
-    if (udp_off)
-        set_dhcp_broadcast(skb, udp_off);
+    if (f.is_dhcp)
+        set_dhcp_broadcast(skb, &f.dhcp);
     /* The helpers above may have moved the data: find the header again, then write in place. */
     eth = (void *)(long)skb->data;
-    if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
-        count(MACNAT_CNT_DROP_MALFORMED);
-        return TC_ACT_SHOT;
-    }
+    if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+        return drop(MACNAT_CNT_DROP_MALFORMED);
     __builtin_memcpy(eth->h_source, cfg->wifi_mac, 6);
     count(MACNAT_CNT_VM_TO_WIFI);
     return bpf_redirect(cfg->wifi_ifindex, 0);
 }
 
-/* Neighbour solicitations from the LAN for a VM's address. A LAN host asking gets its answer by
- * unicast: its MAC is noted for the bridge's FDB. A LAN host probing the address (DAD, from ::)
- * wants to take it: the binding goes, and if the VM is still there it defends the address with an
- * advertisement, which binds it again; a VM that is gone leaves the address to the newcomer. */
-static __always_inline void watch_solicitation(struct __sk_buff *skb, const struct mac_addr *src)
+/* ---- Wi-Fi -> VMs ---------------------------------------------------------------------------- */
+
+/* A LAN host showed itself in ARP or NDP: note its MAC (for the bridge's FDB, and so that no VM can
+ * take it) and the address it uses (so that no VM can claim it). An address bound to a VM stays
+ * bound: the conflict is counted and reported, and the LAN's use noted for when the VM lets the
+ * address go. */
+static __always_inline void note_lan_host(struct macnat_config *cfg, const struct mac_addr *src,
+                                          const struct ip_addr *ip, __u64 now)
+{
+    struct lan_mac *mac = lan_macs.lookup((struct mac_addr *)src);
+    if (mac) {
+        touch(&mac->last_seen_ns, now);
+    } else {
+        struct lan_mac fresh_mac = { .last_seen_ns = now };
+        lan_macs.insert((struct mac_addr *)src, &fresh_mac);
+    }
+    if (!ip || !lan_unicast(ip))
+        return;
+    struct lan_addr *seen = lan_addrs.lookup((struct ip_addr *)ip);
+    if (seen) {
+        touch(&seen->last_seen_ns, now);
+        return;
+    }
+    struct binding *vm = bindings.lookup((struct ip_addr *)ip);
+    if (vm) {
+        count(MACNAT_CNT_LAN_IP_CONFLICT);
+        emit(cfg, MACNAT_CNT_LAN_IP_CONFLICT, vm->port, src->addr, vm->mac, ip, now);
+    }
+    struct lan_addr fresh = { .last_seen_ns = now };
+    __builtin_memcpy(fresh.mac, src->addr, 6);
+    lan_addrs.insert((struct ip_addr *)ip, &fresh);
+}
+
+/* The sender of an ARP request or reply from the LAN. */
+static __always_inline void watch_lan_arp(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
+{
+    struct arp_ipv4 arp;
+    if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &arp, sizeof(arp)) || !arp_translatable(&arp))
+        return;
+    struct ip_addr spa;
+    ipv4_mapped(&spa, load_ipv4(arp.spa));
+    note_lan_host(cfg, src, &spa, bpf_ktime_get_coarse_ns());
+}
+
+/* Neighbour discovery from the LAN: the sender (and an advertisement's target) are noted as the
+ * LAN's. A LAN host probing a VM's address (DAD, from ::) wants to take it: the learned binding goes,
+ * and if the VM is still there it defends the address with an advertisement, which binds it again; a
+ * VM that is gone leaves the address to the newcomer. Never for a static binding, never for ::/8
+ * (the IPv4 keys). */
+static __always_inline void watch_lan_ndp(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
 {
     struct ipv6hdr ip6h;
     __u8 type;
     struct ip_addr target, saddr;
 
     if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &ip6h, sizeof(ip6h)) || ip6h.nexthdr != IPPROTO_ICMPV6 ||
-        bpf_skb_load_bytes(skb, ETH_IP6_LEN, &type, 1) || type != ICMPV6_NEIGHBOUR_SOLICIT ||
-        bpf_skb_load_bytes(skb, ETH_IP6_LEN + NDP_TARGET_OFF, &target, sizeof(target)))
+        bpf_skb_load_bytes(skb, ETH_IP6_LEN, &type, 1) || !ndp_options_offset(type))
+        return;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __builtin_memcpy(&saddr, &ip6h.saddr, sizeof(saddr));
+    if (!ipv6_unspecified(&saddr))
+        note_lan_host(cfg, src, &saddr, now);
+    if ((type != ICMPV6_NEIGHBOUR_SOLICIT && type != ICMPV6_NEIGHBOUR_ADVERT) ||
+        bpf_skb_load_bytes(skb, ETH_IP6_LEN + NDP_TARGET_OFF, &target, sizeof(target)) || ipv6_reserved(&target))
+        return;
+    if (type == ICMPV6_NEIGHBOUR_ADVERT) {
+        note_lan_host(cfg, src, &target, now);
+        return;
+    }
+    if (!ipv6_unspecified(&saddr))
         return;
     struct binding *vm = bindings.lookup(&target);
-    if (!vm)
+    if (!vm || (vm->flags & MACNAT_BINDING_STATIC))
         return;
-    __builtin_memcpy(&saddr, &ip6h.saddr, sizeof(saddr));
-    if (!ipv6_unspecified(&saddr)) {
-        note_lan_mac(src->addr, bpf_ktime_get_coarse_ns());
-    } else if (!(vm->flags & MACNAT_BINDING_STATIC)) {
-        bindings.delete(&target);
-        count(MACNAT_CNT_DAD_CONFLICT);
-    }
+    unsigned char owner[6];
+    __u32 port = vm->port;
+    __builtin_memcpy(owner, vm->mac, 6);
+    bindings.delete(&target);
+    count(MACNAT_CNT_DAD_CONFLICT);
+    emit(cfg, MACNAT_CNT_DAD_CONFLICT, port, owner, src->addr, &target, now);
+}
+
+/* ARP and NDP from the LAN. The VMs' own frames reach wifi_ingress too (their group frames cloned to
+ * the host, their frames for the host redirected): a source MAC that is a VM's, or the Wi-Fi's own
+ * (reflected by the AP), is not the LAN's, and its DAD probe is no LAN host's. */
+static __always_inline void watch_lan(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src)
+{
+    if (is_group(src->addr) || is_zero(src->addr) || mac_eq(src->addr, cfg->wifi_mac) ||
+        vm_macs.lookup((struct mac_addr *)src))
+        return;
+    if (skb->protocol == bpf_htons(ETH_P_ARP))
+        watch_lan_arp(skb, cfg, src);
+    else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        watch_lan_ndp(skb, cfg, src);
 }
 
 /* Copy a group frame to the VMs (through the bridge) and let the host have it too. A VM's own
- * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way:
- * a DHCPACK for a VM (broadcast, thanks to the flag uplink_egress set) binds its address, and
- * LAN hosts asking for a VM are noted. */
+ * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way, a
+ * DHCPACK answering a VM's request (broadcast, thanks to the flag uplink_egress set) binds its
+ * address. */
 static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
                                            const struct mac_addr *src)
 {
     if (vm_macs.lookup((struct mac_addr *)src))
         return TC_ACT_OK;
-    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-        struct ip_addr tpa;
-        ipv4_mapped(&tpa, 0);
-        if (!bpf_skb_load_bytes(skb, ARP_TPA_OFF, &tpa.addr[3], 4) && bindings.lookup(&tpa))
-            note_lan_mac(src->addr, bpf_ktime_get_coarse_ns());
-    } else if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        __u32 l4_off = ipv4_udp_offset(skb);
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        __u32 l3_end = 0;
+        __u32 l4_off = ipv4_udp_offset(skb, &l3_end);
         if (l4_off)
-            learn_from_dhcp_ack(skb, l4_off);
-    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        watch_solicitation(skb, src);
+            learn_from_dhcp_ack(skb, cfg, src, l4_off, l3_end);
     }
     bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
     count(MACNAT_CNT_GROUP_TO_VMS);
@@ -624,33 +1179,30 @@ static __always_inline void restore_group(struct ethhdr *eth, const unsigned cha
     count(MACNAT_CNT_GROUP_RESTORED);
 }
 
-/* Frames from the access point. */
-int wifi_ingress(struct __sk_buff *skb)
+static __always_inline int to_host(void)
+{
+    count(MACNAT_CNT_WIFI_TO_HOST);
+    return TC_ACT_OK;
+}
+
+#define GROUP_RESTORED -1  /* wifi_unicast(): the frame was a group frame an AP sent as unicast */
+
+/* A unicast frame from the AP to the station: to a VM (by its address binding) or to the host; or
+ * GROUP_RESTORED for a group frame an AP turned into unicast, its group address restored. *watch is
+ * set for ARP and ICMPv6, for watch_lan(). */
+static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_config *cfg, int *watch)
 {
     static const unsigned char broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
-    struct macnat_config *cfg = get_config();
-    if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
-        return TC_ACT_OK;
-    struct ethhdr *eth = (void *)(long)skb->data;
-    struct mac_addr src;
-    __builtin_memcpy(src.addr, eth->h_source, 6);
-
-    if (is_group(eth->h_dest))
-        return to_vms_and_host(skb, cfg, &src);
-    if (!mac_eq(eth->h_dest, cfg->wifi_mac))
-        return TC_ACT_OK;
-
+    struct ethhdr *eth;
     struct ip_addr dst;
-    if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+    if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+        *watch = 1;
         struct arp_ipv4 *arp = l3_header(skb, ETH_ARP_LEN, &eth);
-        if (!arp || arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != 6 || arp->plen != 4)
-            return TC_ACT_OK;
+        if (!arp || !arp_translatable(arp))
+            return to_host();  /* not ARP macnat translates: the host may make of it what it can */
         ipv4_mapped(&dst, load_ipv4(arp->tpa));
-        if (host_addrs.lookup(&dst)) {
-            count(MACNAT_CNT_WIFI_TO_HOST);
-            return TC_ACT_OK;
-        }
-        note_lan_mac(src.addr, bpf_ktime_get_coarse_ns());
+        if (host_addrs.lookup(&dst))
+            return to_host();
         struct binding *vm = bindings.lookup(&dst);
         if (vm) {
             if (mac_eq(arp->tha, cfg->wifi_mac))
@@ -661,26 +1213,26 @@ int wifi_ingress(struct __sk_buff *skb)
         /* ARP for an address nobody here owns, sent to the station's MAC: a broadcast the AP
          * turned into unicast, or a defence against a VM's address probe. Every VM may need it. */
         restore_group(eth, broadcast);
-        return to_vms_and_host(skb, cfg, &src);
+        return GROUP_RESTORED;
     }
-    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr *iph = l3_header(skb, ETH_IP_LEN, &eth);
         if (!iph)
             return TC_ACT_OK;
         __be32 daddr = iph->daddr;
         if (daddr == 0xffffffff) {
             restore_group(eth, broadcast);
-            return to_vms_and_host(skb, cfg, &src);
+            return GROUP_RESTORED;
         }
         if ((bpf_ntohl(daddr) & 0xf0000000) == 0xe0000000) {
             /* RFC 1112: 01:00:5e and the low 23 bits of the group address. */
             unsigned char group[6] = { 0x01, 0x00, 0x5e, ((unsigned char *)&daddr)[1] & 0x7f,
                                        ((unsigned char *)&daddr)[2], ((unsigned char *)&daddr)[3] };
             restore_group(eth, group);
-            return to_vms_and_host(skb, cfg, &src);
+            return GROUP_RESTORED;
         }
         ipv4_mapped(&dst, daddr);
-    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, &eth);
         if (!ip6h)
             return TC_ACT_OK;
@@ -690,21 +1242,46 @@ int wifi_ingress(struct __sk_buff *skb)
             unsigned char group[6] = { 0x33, 0x33 };
             __builtin_memcpy(group + 2, &dst.addr[3], 4);
             restore_group(eth, group);
-            return to_vms_and_host(skb, cfg, &src);
+            return GROUP_RESTORED;
         }
-        if (ip6h->nexthdr == IPPROTO_ICMPV6 && bindings.lookup(&dst))
-            note_lan_mac(src.addr, bpf_ktime_get_coarse_ns());  /* NUD and other NDP to a VM */
+        if (ipv6_reserved(&dst))  /* ::ffff:a.b.c.d is an IPv4 key: IPv6 never goes by it */
+            return to_host();
+        *watch = ip6h->nexthdr == IPPROTO_ICMPV6;  /* NUD and other NDP to the station */
     } else {
-        count(MACNAT_CNT_WIFI_TO_HOST);
-        return TC_ACT_OK;
+        return to_host();
     }
     struct binding *vm = bindings.lookup(&dst);
     if (vm) {
         __builtin_memcpy(eth->h_dest, vm->mac, 6);
         return to_vm(skb, cfg, vm);
     }
-    count(MACNAT_CNT_WIFI_TO_HOST);
-    return TC_ACT_OK;
+    return to_host();
+}
+
+/* Frames from the access point. */
+int wifi_ingress(struct __sk_buff *skb)
+{
+    struct macnat_config *cfg = get_config();
+    if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
+        return TC_ACT_OK;
+    struct ethhdr *eth = (void *)(long)skb->data;
+    struct mac_addr src;
+    __builtin_memcpy(src.addr, eth->h_source, 6);
+
+    int verdict = GROUP_RESTORED, watch = 1;
+    if (!is_group(eth->h_dest)) {
+        if (!mac_eq(eth->h_dest, cfg->wifi_mac))
+            return TC_ACT_OK;
+        watch = 0;
+        verdict = wifi_unicast(skb, cfg, &watch);
+    }
+    /* One call site each: they are large once inlined. What wifi_unicast rewrote (the destination MAC,
+     * an ARP target MAC) is nothing they read; a redirect takes effect on return. */
+    if (watch)
+        watch_lan(skb, cfg, &src);
+    if (verdict != GROUP_RESTORED)
+        return verdict;
+    return to_vms_and_host(skb, cfg, &src);
 }
 
 /* The host's own frames on their way out: those for a VM go into the bridge instead. */

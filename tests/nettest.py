@@ -1,9 +1,11 @@
-"""Test helpers over the lab: captures and traffic. Reusable by every test module."""
+"""Test helpers over the lab: captures, traffic and raw frames. Reusable by every test module."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,3 +52,19 @@ def tcp_transfer(server: Namespace, server_ip: str, client: Namespace, seconds: 
         srv.kill()
         srv.wait()
 
+
+
+def send_frames(ns: Namespace, ifname: str, frames: Iterable[bytes]) -> int:
+    """Send raw frames out of an interface of a namespace (AF_PACKET), as a program there would; the
+    number sent. The socket is made inside the namespace (it stays bound to it), the rest happens here."""
+    with ns.entered():
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sent = 0
+    try:
+        sock.bind((ifname, 0))
+        for frame in frames:
+            sock.send(frame)
+            sent += 1
+    finally:
+        sock.close()
+    return sent

@@ -135,8 +135,8 @@ def test_lan_macs_become_fdb_entries_on_the_uplink(attached):
     assert ping(VM1.ns, lab.LANHOST.ip)
     fdb = lambda: lab.LAPTOP.ns.run("bridge", "fdb", "show", "dev", UPLINK).stdout
     assert wait_for(lambda: lab.LANHOST.mac in fdb(), timeout=5)
-    assert f"{lab.LANHOST.mac} master vmbr0 static" in fdb()
-    assert f"{lab.LAPTOP.mac} master vmbr0 static" in fdb()
+    assert f"{lab.LANHOST.mac} sticky master vmbr0 static" in fdb()
+    assert f"{lab.LAPTOP.mac} sticky master vmbr0 static" in fdb()
 
 
 def test_a_vm_claiming_the_hosts_address_is_refused(attached):
@@ -241,6 +241,24 @@ def test_kill_9_keeps_traffic_flowing_and_a_new_attach_adopts(attached, tmp_path
     assert set(leases.values()) <= set(table())
 
 
+def test_table_filters_and_per_vm_rows(attached):
+    _, leases = attached
+    rows = lambda *args: json.loads(macnat("table", "--json", *args).stdout)
+    vm1_ipv4 = rows("--mac", VM1.mac.upper(), "--family", "ipv4")
+    assert leases["vm1"] in {r["ip"] for r in vm1_ipv4}
+    assert all(r["mac"] == VM1.mac and r["family"] == "ipv4" for r in vm1_ipv4)
+    assert set(leases.values()) <= {r["ip"] for r in rows("--ip", "192.168.77.0/24")}
+    assert all(r["ip"].startswith("192.168.77.") for r in rows("--ip", "192.168.77.0/24"))
+    assert rows("--ip", leases["vm2"])[0]["mac"] == VM2.mac
+    assert rows("--kind", "static") == []
+    (vm1,) = [vm for vm in rows("--by-vm") if vm["mac"] == VM1.mac]
+    assert leases["vm1"] in vm1["ipv4"] and vm1["tx_packets"] > 0 and vm1["wifi"] == "wlan0"
+    human = macnat("table", "--by-vm").stdout
+    assert VM1.mac in human and leases["vm1"] in human
+    bad = macnat("table", "--family", "ipx", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == "macnat: error: --family takes ipv4 or ipv6, not 'ipx'"
+
+
 def test_sigterm_detaches_and_leaves_nothing(attached):
     manager, leases = attached
     (status,) = json.loads(macnat("status", "--json").stdout)
@@ -253,17 +271,3 @@ def test_sigterm_detaches_and_leaves_nothing(attached):
     assert macnat("status").stdout.strip() == "macnat is not attached in this network namespace"
     assert not ping(VM1.ns, lab.LANHOST.ip, timeout=1), "without macnat the AP drops the VM's frames again"
 
-
-def test_table_filters_and_per_vm_rows(attached):
-    _, leases = attached
-    rows = lambda *args: json.loads(macnat("table", "--json", *args).stdout)
-    assert {r["ip"] for r in rows("--mac", VM1.mac.upper(), "--family", "ipv4")} == {leases["vm1"]}
-    assert {r["ip"] for r in rows("--ip", "192.168.77.0/24")} == set(leases.values())
-    assert rows("--ip", leases["vm2"])[0]["mac"] == VM2.mac
-    assert rows("--kind", "static") == []
-    (vm1,) = [vm for vm in rows("--by-vm") if vm["mac"] == VM1.mac]
-    assert vm1["ipv4"] == [leases["vm1"]] and vm1["tx_packets"] > 0 and vm1["wifi"] == "wlan0"
-    human = macnat("table", "--by-vm").stdout
-    assert VM1.mac in human and leases["vm1"] in human
-    bad = macnat("table", "--family", "ipx", check=False)
-    assert bad.returncode == 1 and bad.stderr.strip() == "macnat: error: --family takes ipv4 or ipv6, not 'ipx'"

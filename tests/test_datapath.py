@@ -15,14 +15,14 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICM
                                 ICMPv6NDOptSrcLLAddr, IPv6)
 
 from macnat import constants, maps, netns
-from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Harness
-from macnat.maps import MacAddr, MacSeen, ip_key, mac_bytes
+from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
+from macnat.maps import MacAddr, ip_key, mac_bytes
 
 WIFI_MAC, VM_MAC, VM2_MAC, LAN_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", "02:4d:4e:00:00:14"
 HOST_IP, VM_IP, VM2_IP, LAN_IP = "192.168.77.10", "192.168.77.101", "192.168.77.102", "192.168.77.20"
 HOST_IP6, VM_IP6, VM_LL6, LAN_IP6 = "fd77:77::10", "fd77:77::5054:ff:fe00:101", "fe80::5054:ff:fe00:101", "fd77:77::20"
 BROADCAST = "ff:ff:ff:ff:ff:ff"
-TAP_IFINDEX_OF_VM = 1000  # any ifindex that is neither 0 nor wifi's: a frame that entered the bridge from a port
+TAP_IFINDEX_OF_VM = VM_PORT  # neither 0 nor wifi's ifindex: a frame that entered the bridge from a port
 
 
 class Datapath(Harness):
@@ -82,7 +82,8 @@ def test_vm_hint_slot_mirror_matches_the_datapath(datapath):
     """maps.vm_hint_slot() finds the slot the datapath sets when it learns a MAC."""
     for mac in ("52:54:00:00:01:01", "bc:24:11:9a:fe:07", "02:00:00:ff:ff:ff"):
         datapath.reset()
-        datapath.run("uplink_egress", bytes(Ether(src=mac, dst=LAN_MAC) / ARP(op=2, hwsrc=mac)), TAP_IFINDEX_OF_VM)
+        datapath.run("uplink_egress", bytes(Ether(src=mac, dst=LAN_MAC) / ARP(op=2, hwsrc=mac, psrc=VM_IP)),
+                       TAP_IFINDEX_OF_VM)
         assert [slot.value for slot, hint in datapath.maps.vm_hints.items() if hint.value] == \
             [maps.vm_hint_slot(mac_bytes(mac))]
 
@@ -197,12 +198,16 @@ def test_static_binding_is_not_taken_over(datapath):
     assert maps.mac_str(datapath.binding(VM_IP).mac) == VM2_MAC
 
 
-def test_address_moving_to_another_vm_follows_it(datapath):
-    datapath.bind(VM_IP, VM2_MAC)
+def test_another_vms_address_is_not_taken_by_an_ordinary_frame(datapath):
+    """A binding never moves on an ordinary frame: the claim is refused and recorded for the manager,
+    which probes the owner (tests/test_security.py has the rest of this rule)."""
+    datapath.bind(VM_IP, VM2_MAC, port=TAP_IFINDEX_OF_VM + 1)
     frame = bytes(Ether(src=VM_MAC, dst=BROADCAST) / ARP(op=1, hwsrc=VM_MAC, psrc=VM_IP, pdst=VM_IP))
     rc, _, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
-    assert rc == TC_ACT_REDIRECT and moved["moved_ip"] == 1
-    assert maps.mac_str(datapath.binding(VM_IP).mac) == VM_MAC
+    assert rc == TC_ACT_SHOT and moved == {"refused_claim": 1}
+    assert maps.mac_str(datapath.binding(VM_IP).mac) == VM2_MAC
+    claim = datapath.maps.refusals.lookup(ip_key(VM_IP))
+    assert (maps.mac_str(claim.mac), maps.mac_str(claim.owner), claim.port) == (VM_MAC, VM2_MAC, TAP_IFINDEX_OF_VM)
 
 
 @pytest.mark.parametrize("frame", [
@@ -298,24 +303,26 @@ def dhcp_reply(message_type: str, chaddr: str, yiaddr: str = VM_IP, leading_opti
 @pytest.mark.parametrize("leading_options", [(), ("pad", "pad", ("subnet_mask", "255.255.255.0"), ("router", LAN_IP))],
                          ids=["type-first", "type-after-others"])
 def test_dhcp_ack_for_a_vm_binds_its_address_at_once(datapath, leading_options):
-    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+    datapath.run("uplink_egress", dhcp_discover(flags=0), TAP_IFINDEX_OF_VM)  # the VM's own request (xid 0x1234)
     frame = dhcp_reply("ack", VM_MAC, leading_options=leading_options)
     rc, out, moved = datapath.run("wifi_ingress", frame)
     assert rc == TC_ACT_OK and out == frame and moved == {"learned_ip": 1, "group_to_vms": 1}
     b = datapath.binding(VM_IP)
-    assert maps.mac_str(b.mac) == VM_MAC and b.tx_packets == 0
+    assert maps.mac_str(b.mac) == VM_MAC and b.tx_packets == 0 and b.port == TAP_IFINDEX_OF_VM
 
 
-@pytest.mark.parametrize("message_type, chaddr", [("offer", VM_MAC), ("ack", VM2_MAC)], ids=["offer", "not-a-vm"])
-def test_dhcp_replies_that_do_not_bind(datapath, message_type, chaddr):
-    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+@pytest.mark.parametrize("message_type, chaddr, counted", [("offer", VM_MAC, {}),
+                                                           ("ack", VM2_MAC, {"dhcp_ack_unmatched": 1})],
+                         ids=["offer", "not-the-requester"])
+def test_dhcp_replies_that_do_not_bind(datapath, message_type, chaddr, counted):
+    datapath.run("uplink_egress", dhcp_discover(flags=0), TAP_IFINDEX_OF_VM)
     rc, _, moved = datapath.run("wifi_ingress", dhcp_reply(message_type, chaddr))
-    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1}
+    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1, **counted}
     assert datapath.binding(VM_IP) is None
 
 
 def test_dhcp_ack_handing_a_vm_the_hosts_address_is_refused(datapath):
-    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM_MAC)), MacSeen(last_seen_ns=1))
+    datapath.run("uplink_egress", dhcp_discover(flags=0), TAP_IFINDEX_OF_VM)
     rc, _, moved = datapath.run("wifi_ingress", dhcp_reply("ack", VM_MAC, yiaddr=HOST_IP))
     assert rc == TC_ACT_OK and moved == {"refused_host_ip": 1, "group_to_vms": 1}
     assert datapath.binding(HOST_IP) is None
@@ -381,7 +388,7 @@ NDP_FROM_VM = {
 
 @pytest.mark.parametrize("name", NDP_FROM_VM)
 def test_ndp_link_layer_options_of_a_vm_carry_the_wifi_mac(datapath, name):
-    datapath.maps.vm_macs.update(MacAddr(mac_bytes(VM2_MAC)), MacSeen(last_seen_ns=1))
+    datapath.maps.add_vm_mac(mac_bytes(VM2_MAC), last_seen_ns=1, port=TAP_IFINDEX_OF_VM + 1)
     frame = bytes(NDP_FROM_VM[name])
     rc, out, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
     assert rc == TC_ACT_REDIRECT and moved["vm_to_wifi"] == 1 and moved["ndp_rewritten"] == 1

@@ -15,7 +15,7 @@ from macnat.manager import events
 from macnat.manager.duties import ageing, bindings_log, network_change, notify, statics
 from macnat.manager.loop import Loop
 from macnat.manager.state import State
-from macnat.maps import Binding, Config, MacAddr, MacSeen, Snapshot, ip_key, ip_str, mac_bytes, mac_str
+from macnat.maps import Binding, Config, LanMac, MacAddr, Snapshot, VmMac, ip_key, ip_str, mac_bytes, mac_str
 from macnat.netlink import Link
 
 VM_MAC, VM2_MAC = "52:54:00:00:01:01", "52:54:00:00:01:02"
@@ -58,7 +58,8 @@ class FakeMap:
 
 class FakeMaps:
     def __init__(self):
-        for name in ("bindings", "vm_macs", "vm_hints", "lan_macs", "host_addrs", "refusals"):
+        for name in ("bindings", "vm_macs", "vm_hints", "lan_macs", "lan_addrs", "host_addrs", "refusals", "onlink",
+                     "dhcp_requests", "ports", "port_released"):
             setattr(self, name, FakeMap())
         self.counters = {name: 0 for name in constants.COUNTERS}
         self.config = Config(wifi_mac=mac_bytes("02:4d:4e:00:00:0a"), wifi_ifindex=2)
@@ -70,7 +71,7 @@ class FakeMaps:
         return self.counters[name]
 
     def add_vm_mac(self, mac, last_seen_ns):
-        self.vm_macs.update(MacAddr(mac), MacSeen(last_seen_ns=last_seen_ns))
+        self.vm_macs.update(MacAddr(mac), VmMac(last_seen_ns=last_seen_ns))
 
 
 class FakeDatapath:
@@ -120,7 +121,7 @@ def test_a_new_network_flushes_learned_bindings_and_lan_macs_but_keeps_statics(s
     bind(state, "192.168.77.134", VM_MAC, now_ns())
     bind(state, "fd77:77::134", VM_MAC, now_ns())
     bind(state, "192.168.77.60", VM2_MAC, now_ns(), flags=constants.BINDING_STATIC)
-    state.maps.lan_macs.update(MacAddr(mac_bytes("02:4d:4e:00:00:01")), MacSeen(last_seen_ns=1))
+    state.maps.lan_macs.update(MacAddr(mac_bytes("02:4d:4e:00:00:01")), LanMac(last_seen_ns=1))
     away = network_change.Network("192.168.88.0/24", "192.168.88.1", "02:4d:4e:00:01:01", None)
     monkeypatch.setattr(network_change, "current_network", lambda _state: away)
     told = []
@@ -156,8 +157,8 @@ def test_an_unresolved_gateway_is_waited_for_then_taken_as_the_same_network(stat
 
 def test_nothing_expires_while_the_wifi_is_down_and_for_one_age_after(state, monkeypatch):
     duty = ageing.Ageing()
-    monkeypatch.setattr(duty, "probe", lambda *args: None)
-    monkeypatch.setattr(duty, "probe_source", lambda _state: None)
+    monkeypatch.setattr(duty.prober, "probe", lambda *args: True)
+    monkeypatch.setattr(duty.prober, "source", lambda _state: None)
     bind(state, "192.168.77.134", VM_MAC, now_ns() - int(1000e9))  # silent far longer than the age
     state.wifi = replace(WIFI, carrier=False)
     duty.run(time.monotonic(), state)

@@ -13,9 +13,9 @@ from pyroute2 import IPRoute
 from macnat import bpfsys, config, constants, netns
 from macnat.harness import Harness
 from macnat.manager.clock import monotonic_ns
-from macnat.manager.duties import all_duties, ageing, bindings_log, lan_fdb, refusals
+from macnat.manager.duties import all_duties, ageing, bindings_log, claims, lan_fdb, port_accounting, vm_fdb
 from macnat.manager.state import State
-from macnat.maps import Binding, IpAddr, MacAddr, MacSeen, mac_bytes
+from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes
 from macnat.netlink import Link
 
 # A steady tick with full tables may cost this many bpf(2) calls at most: a few counter lookups and,
@@ -40,9 +40,9 @@ def full(tmp_path_factory):
             else IpAddr.from_buffer_copy(ipaddress.IPv6Address(base6 + i).packed)
         harness.maps.bindings.update(key, fresh)
     for i in range(constants.MAX_VM_MACS):
-        harness.maps.vm_macs.update(MacAddr(mac_bytes(f"52:54:00:fe:{i >> 8:02x}:{i & 255:02x}")), MacSeen(now))
+        harness.maps.vm_macs.update(MacAddr(mac_bytes(f"52:54:00:fe:{i >> 8:02x}:{i & 255:02x}")), VmMac(now))
     for i in range(constants.MAX_LAN_MACS):
-        harness.maps.lan_macs.update(MacAddr(mac_bytes(f"02:4c:00:00:{i >> 8:02x}:{i & 255:02x}")), MacSeen(now))
+        harness.maps.lan_macs.update(MacAddr(mac_bytes(f"02:4c:00:00:{i >> 8:02x}:{i & 255:02x}")), LanMac(now))
     with harness.ns.entered():
         ipr = IPRoute()
     index = harness.ifindex
@@ -72,10 +72,10 @@ def test_the_tables_are_full(full):
 def test_a_steady_tick_reads_no_table(full):
     """Nothing learned, nothing refused: the once-a-second duties look at their counters only."""
     _, state = full
-    duties = [bindings_log.BindingsLog(), refusals.Refusals()]
+    duties = [bindings_log.BindingsLog(), claims.Claims(), vm_fdb.VmFdb(), port_accounting.PortAccounting()]
     for duty in duties:
         duty.run(time.monotonic(), state)  # the first run reads the tables once
-    assert calls_of(lambda: [duty.run(time.monotonic(), state) for duty in duties]) <= 6
+    assert calls_of(lambda: [duty.run(time.monotonic(), state) for duty in duties]) <= 8
 
 
 def test_an_ageing_sweep_of_full_tables_is_a_few_batch_calls(full):
@@ -97,7 +97,7 @@ def test_the_lan_fdb_sync_of_a_full_table_is_one_or_two_batch_calls(full):
 
 def test_every_duty_timer_at_once_stays_within_the_bound(full):
     _, state = full
-    duties = [d for d in all_duties() if type(d).__name__ not in ("Notify", "StatusFile", "Plumbing")]
+    duties = [d for d in all_duties() if type(d).__name__ not in ("Notify", "StatusFile", "Plumbing", "LanSide")]
     for duty in duties:
         if duty.due() is not None:
             duty.on_timer(time.monotonic(), state)

@@ -76,6 +76,10 @@ class Attachment:
     def detach(self) -> None:
         """Remove it from the kernel (what remains of it: each step tolerates what is already gone)."""
         created_clsact = bool(self.maps.current_config().flags & constants.CFG_CREATED_CLSACT)
+        with IPRoute() as ipr:  # the VMs' FDB entries the manager pinned on their ports (the uplink's go with it)
+            for key, vm in self.maps.vm_macs.items():
+                if vm.port:
+                    netlink.fdb_del(ipr, vm.port, mac_str(key.addr))
         loader.detach(self.wifi.index if self.wifi else None, self.uplink.index if self.uplink else None,
                       created_clsact)
 

@@ -1,5 +1,6 @@
 """The few bpf(2) commands macnat needs, through ctypes: objects by ID, their info, map elements,
-BPF_PROG_TEST_RUN, and loading a tiny program or BTF blob (what `macnat doctor` probes the kernel with).
+BPF_PROG_TEST_RUN, loading a tiny program or BTF blob (what `macnat doctor` probes the kernel with), and a
+reader of BPF ring buffers (mmap of the map's fd, as libbpf's ring_buffer does).
 
 The manager and the read-only commands use these instead of bcc, so they never load LLVM: a program
 or map is found by the ID the kernel reports for an attached filter, which works from any mount
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import mmap
 import os
 import platform
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -34,6 +39,8 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_RINGBUF = 27
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -113,14 +120,14 @@ class BpfError(OSError):
 
 # bpf(2) calls made by this process, by command: what a test holds the manager's per-sweep cost to.
 calls: dict[int, int] = {}
+_NR = _NR_BPF.get(platform.machine())
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
+    if _NR is None:
         raise BpfError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
     calls[cmd] = calls.get(cmd, 0) + 1
-    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(_NR, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
@@ -156,8 +163,9 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """Per-CPU maps hold one value per possible CPU (not online CPU)."""
+    """Per-CPU maps hold one value per possible CPU (not online CPU); fixed while the system runs."""
     count = 0
     with open("/sys/devices/system/cpu/possible") as f:
         for part in f.read().strip().split(","):
@@ -250,3 +258,49 @@ def map_lookup_batch(fd: int, keys, values, token: ctypes.Array, first: bool) ->
             return attr.count, False
         raise
     return attr.count, True
+
+
+class RingBuffer:
+    """The consumer side of a BPF_MAP_TYPE_RINGBUF map, without libbpf or bcc.
+
+    The kernel's layout (kernel/bpf/ringbuf.c): page 0 holds the consumer position, which user space
+    writes; page 1 the producer position; the data area follows, mapped twice in a row so that a
+    record that wraps around is contiguous. Each record has an 8-byte header: its length, with a busy
+    bit while the producer is still writing it and a discard bit for a record given up, then the
+    record, padded to 8 bytes. Positions only grow; the data area's size is a power of two.
+    """
+
+    BUSY_BIT = 1 << 31
+    DISCARD_BIT = 1 << 30
+    HEADER_SIZE = 8
+
+    def __init__(self, fd: int):
+        info = map_info(fd)
+        if info.type != BPF_MAP_TYPE_RINGBUF:
+            raise BpfError(errno.EINVAL, f"map {info.name.decode()} is not a ring buffer")
+        page = mmap.PAGESIZE
+        self.size = info.max_entries
+        self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._producer = mmap.mmap(fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._data = page  # where the data area starts in the producer mapping
+
+    def records(self) -> Iterator[bytes]:
+        """Every record committed so far, oldest first; each is consumed as it is yielded."""
+        consumer = struct.unpack_from("=Q", self._consumer, 0)[0]
+        producer = struct.unpack_from("=Q", self._producer, 0)[0]
+        while consumer < producer:
+            offset = self._data + (consumer & (self.size - 1))
+            header = struct.unpack_from("=I", self._producer, offset)[0]
+            if header & self.BUSY_BIT:
+                break  # the producer is still writing it: the next read gets it
+            length = header & ~(self.BUSY_BIT | self.DISCARD_BIT)
+            record = None if header & self.DISCARD_BIT else \
+                self._producer[offset + self.HEADER_SIZE:offset + self.HEADER_SIZE + length]
+            consumer += (self.HEADER_SIZE + length + 7) & ~7
+            struct.pack_into("=Q", self._consumer, 0, consumer)
+            if record is not None:
+                yield record
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()

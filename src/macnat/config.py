@@ -52,6 +52,8 @@ class Settings:
     macs_per_port: int = 0          # 0: the datapath's default (constants.DEFAULT_*)
     ipv4_per_port: int = 0
     ipv6_per_port: int = 0
+    allow_ipv4_link_local: bool = False
+    allow_documentation: bool = False
     metrics_textfile: str | None = None
     metrics_listen: str | None = None
     verbose: bool = False
@@ -178,9 +180,13 @@ OPTIONS = (
     Option("network_change.hook", "network_change_hook", _text,
            "a program run on a new network, for the VM ports a carrier bounce cannot reach",
            example="/usr/share/macnat/hooks/proxmox-relink"),
-    Option("limits.macs_per_port", "macs_per_port", _count, "MACs one VM port may use (0: the default)"),
-    Option("limits.ipv4_per_port", "ipv4_per_port", _count, "IPv4 addresses one VM port may use (0: the default)"),
-    Option("limits.ipv6_per_port", "ipv6_per_port", _count, "IPv6 addresses one VM port may use (0: the default)"),
+    Option("limits.macs_per_port", "macs_per_port", _count, "MACs one VM port may use (0: the default, 32)"),
+    Option("limits.ipv4_per_port", "ipv4_per_port", _count, "IPv4 addresses one VM port may use (0: the default, 64)"),
+    Option("limits.ipv6_per_port", "ipv6_per_port", _count, "IPv6 addresses one VM port may use (0: the default, 128)"),
+    Option("addresses.allow_ipv4_link_local", "allow_ipv4_link_local", _boolean,
+           "VMs may use 169.254.0.0/16 (link-local IPv4) addresses"),
+    Option("addresses.allow_documentation", "allow_documentation", _boolean,
+           "VMs may use the documentation prefixes (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32)"),
     Option("metrics.textfile", "metrics_textfile", _text,
            "write Prometheus metrics to this file (node_exporter's textfile collector)",
            example="/var/lib/prometheus/node-exporter/macnat-wlan0.prom"),

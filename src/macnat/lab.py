@@ -118,12 +118,12 @@ GATEWAY, IPV6_PREFIX, DHCP_RANGE = HOME.gateway, HOME.prefix6, HOME.dhcp_range
 LAPTOP = Host(Namespace(PREFIX + "laptop"), "wlan0", "02:4d:4e:00:00:0a", HOME.laptop_ip)
 BRIDGE = "vmbr0"
 BRIDGE_MAC = "02:4d:4e:00:00:b0"
-DEFAULT_VMS = {
+VMS = {
     "vm1": Host(Namespace(PREFIX + "vm1"), "eth0", "52:54:00:00:01:01", None),
     "vm2": Host(Namespace(PREFIX + "vm2"), "eth0", "52:54:00:00:01:02", None),
 }
-VMS = dict(DEFAULT_VMS)       # add_vm() adds more while the lab is up
-VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}
+VM_PORTS = {"vm1": "tap101", "vm2": "tap102"}  # kept current by plug_vm, replug_vm and add_vm
+STANDARD_VMS, STANDARD_PORTS = dict(VMS), dict(VM_PORTS)
 
 
 @dataclass
@@ -161,10 +161,6 @@ def up(knobs: Knobs | None = None) -> Knobs:
     """Build the lab, replacing any lab already there."""
     knobs = knobs or Knobs()
     down()
-    VMS.clear()
-    VMS.update(DEFAULT_VMS)
-    for extra in set(VM_PORTS) - set(DEFAULT_VMS):
-        VM_PORTS.pop(extra)
     STATE_DIR.mkdir(parents=True)
     try:
         _build(knobs)
@@ -207,10 +203,7 @@ def _build(knobs: Knobs) -> None:
                  "forward_delay", "0", "stp_state", "0")
     LAPTOP.ns.ip("link", "set", BRIDGE, "up")
     for name, vm in VMS.items():
-        port = VM_PORTS[name]
-        _veth(LAPTOP.ns, port, vm.ns, vm.ifname, vm.mac)
-        LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
-        vm.ns.ip("link", "set", vm.ifname, "up")
+        plug_vm(name, VM_PORTS[name])
 
     _write_dhclient_files()
     for net in knobs.networks():
@@ -278,8 +271,8 @@ def roam(network: str, mac: str | None = None) -> LanNetwork:
         LAPTOP.ns.ip("link", "set", LAPTOP.ifname, "address", mac)
         knobs.station_mac = mac
     knobs.network = network
-    set_ap(knobs)
     _associate(new, knobs.station_mac)
+    set_ap(knobs)  # after _associate: proxy ARP is a knob of the station's port in the new AP's bridge
     _configure_host(new)
     return new
 
@@ -329,6 +322,41 @@ case "$reason" in
 esac
 exit 0
 """
+
+
+def plug_vm(name: str, port: str) -> None:
+    """Connect a VM's eth0 to the bridge through a new port (a veth pair, the port's end in the laptop)."""
+    vm = VMS[name]
+    _veth(LAPTOP.ns, port, vm.ns, vm.ifname, vm.mac)
+    LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
+    vm.ns.ip("link", "set", vm.ifname, "up")
+    VM_PORTS[name] = port
+
+
+def replug_vm(name: str, port: str) -> None:
+    """The VM comes back on another bridge port, with the same MAC, as a restarted VM gets a new tap."""
+    LAPTOP.ns.ip("link", "del", VM_PORTS[name])  # its peer, the VM's eth0, goes with it
+    plug_vm(name, port)
+
+
+def add_vm(name: str, mac: str, port: str | None = None) -> Host:
+    """One more VM on the bridge, as if it had just started (`remove_vm` or `down` removes it); its port
+    is `port`, or the next free tapNNN."""
+    port = port or next(f"tap{n}" for n in range(103, 1000) if f"tap{n}" not in VM_PORTS.values())
+    vm = Host(Namespace(PREFIX + name), "eth0", mac, None)
+    Namespace.create(vm.ns.name)
+    if not (knobs() or Knobs()).ipv6:
+        vm.ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+    VMS[name] = vm
+    plug_vm(name, port)
+    return vm
+
+
+def remove_vm(name: str) -> None:
+    """Remove a VM that add_vm made: its DHCP client, namespace and bridge port."""
+    release(name)
+    LAPTOP.ns.run("ip", "link", "del", VM_PORTS.pop(name), check=False)
+    VMS.pop(name).ns.delete()
 
 
 def _write_dhclient_files() -> None:
@@ -456,27 +484,6 @@ def ifreload(interfaces: str) -> subprocess.CompletedProcess:
                          timeout=60)
 
 
-def add_vm(name: str, mac: str) -> Host:
-    """Another VM on vmbr0, up (a VM that starts while the lab runs); it has no address yet."""
-    host = Host(Namespace(PREFIX + name), "eth0", mac, None)
-    Namespace.create(host.ns.name)
-    port = f"tap{100 + len(VM_PORTS) + 1}"
-    while port in VM_PORTS.values():
-        port = f"tap{int(port[3:]) + 1}"
-    _veth(LAPTOP.ns, port, host.ns, host.ifname, mac)
-    LAPTOP.ns.ip("link", "set", port, "master", BRIDGE, "up")
-    host.ns.ip("link", "set", host.ifname, "up")
-    VMS[name], VM_PORTS[name] = host, port
-    return host
-
-
-def remove_vm(name: str) -> None:
-    """The VM goes away (shut down): its namespace, and with it its port."""
-    host = VMS.pop(name)
-    LAPTOP.ns.ip("link", "del", VM_PORTS.pop(name))  # at once: a deleted namespace takes its links lazily
-    host.ns.delete()
-
-
 def release(vm: str) -> None:
     """Stop the VM's DHCP client and forget its lease, so the next dhcp() starts from scratch."""
     _stop_client(vm, "dhclient")
@@ -591,6 +598,9 @@ def is_up() -> bool:
 
 def down() -> None:
     """Remove every lab namespace (and the processes in them) and the lab's files."""
+    for table, standard in ((VMS, STANDARD_VMS), (VM_PORTS, STANDARD_PORTS)):  # add_vm's VMs go with the lab
+        table.clear()
+        table.update(standard)
     for name in names():
         if name.startswith(PREFIX):
             Namespace(name).delete()

@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from macnat import bpfsys, constants
 from macnat.errors import MacnatError
@@ -32,34 +32,89 @@ class IpAddr(ctypes.Structure):
 
 class Config(ctypes.Structure):
     _fields_ = [("wifi_mac", MacBytes), ("pad", u16), ("wifi_ifindex", u32), ("bridge_ifindex", u32),
-                ("uplink_ifindex", u32), ("flags", u32)]
+                ("uplink_ifindex", u32), ("flags", u32), ("max_macs_per_port", u32), ("max_ipv4_per_port", u32),
+                ("max_ipv6_per_port", u32), ("max_dhcp_per_port", u32), ("events_per_port", u32)]
 
 
 class Binding(ctypes.Structure):
-    _fields_ = [("mac", MacBytes), ("flags", u16), ("last_seen_ns", u64), ("tx_packets", u64),
-                ("tx_bytes", u64), ("rx_packets", u64), ("rx_bytes", u64)]
+    _fields_ = [("mac", MacBytes), ("flags", u16), ("port", u32), ("pad", u32), ("last_seen_ns", u64),
+                ("tx_packets", u64), ("tx_bytes", u64), ("rx_packets", u64), ("rx_bytes", u64)]
 
 
-class MacSeen(ctypes.Structure):
-    _fields_ = [("last_seen_ns", u64)]
+class VmMac(ctypes.Structure):
+    _fields_ = [("last_seen_ns", u64), ("port", u32), ("pad", u32)]
+
+
+class LanMac(ctypes.Structure):
+    _fields_ = [("last_seen_ns", u64), ("flags", u32), ("pad", u32)]
+
+
+class LanAddr(ctypes.Structure):
+    _fields_ = [("last_seen_ns", u64), ("mac", MacBytes), ("flags", u16)]
 
 
 class Refusal(ctypes.Structure):
-    _fields_ = [("mac", MacBytes), ("reason", u16), ("count", u64), ("last_ns", u64)]
+    _fields_ = [("mac", MacBytes), ("reason", u16), ("owner", MacBytes), ("pad", u16), ("port", u32),
+                ("pad2", u32), ("count", u64), ("last_ns", u64)]
 
+
+class OnlinkKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", IpAddr)]
+
+
+class OnlinkPrefix(ctypes.Structure):
+    _fields_ = [("prefixlen", u32)]
+
+
+class DhcpRequest(ctypes.Structure):
+    _fields_ = [("mac", MacBytes), ("pad", u16), ("port", u32), ("pad2", u32), ("time_ns", u64)]
+
+
+class PortCounts(ctypes.Structure):
+    """Per-port counts, indexed as constants.PORT_COUNTS names them."""
+
+    _fields_ = [("count", u64 * len(constants.PORT_COUNTS))]
+
+    def __getitem__(self, kind: str) -> int:
+        return self.count[constants.PORT_COUNTS.index(kind)]
+
+
+class PortState(ctypes.Structure):
+    _fields_ = [("learned", PortCounts), ("window_start_ns", u64), ("window_events", u64 * 2),
+                ("events_suppressed", u64)]
+
+
+class Event(ctypes.Structure):
+    _fields_ = [("time_ns", u64), ("port", u32), ("kind", u16), ("pad", u16), ("mac", MacBytes),
+                ("other", MacBytes), ("ip", IpAddr), ("pad2", u32), ("port_suppressed", u64)]
+
+    @property
+    def kind_name(self) -> str:
+        """What happened: the name of the counter that goes with it (constants.COUNTERS)."""
+        return COUNTER_NAMES[self.kind] if self.kind < len(COUNTER_NAMES) else f"kind {self.kind}"
+
+
+COUNTER_NAMES = list(constants.COUNTERS)
 
 # map name -> (key type, value type); per-CPU maps are read as one value per possible CPU.
 LAYOUT: dict[str, tuple[type, type]] = {
     "config": (u32, Config),
     "counters": (u32, u64),
     "bindings": (IpAddr, Binding),
-    "vm_macs": (MacAddr, MacSeen),
+    "vm_macs": (MacAddr, VmMac),
     "vm_hints": (u32, u8),
-    "lan_macs": (MacAddr, MacSeen),
+    "lan_macs": (MacAddr, LanMac),
+    "lan_addrs": (IpAddr, LanAddr),
     "host_addrs": (IpAddr, u8),
     "refusals": (IpAddr, Refusal),
+    "onlink": (OnlinkKey, OnlinkPrefix),
+    "dhcp_requests": (u32, DhcpRequest),
+    "ports": (u32, PortState),
+    "port_released": (u32, PortCounts),
 }
-assert set(LAYOUT) == set(constants.MAP_NAMES)
+# ring buffers: map name -> the record type
+RINGS: dict[str, type] = {"events": Event}
+assert set(LAYOUT) | set(RINGS) == set(constants.MAP_NAMES)
 
 
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
@@ -235,19 +290,22 @@ class Map:
         return array[:count]
 
     def clear(self) -> None:
-        """Remove every element; an array's elements cannot go, so they become zero."""
+        """Remove every element; an array's elements cannot go, so those that are not zero become zero."""
+        zero = bytes(self._value_buffer())
         for key in list(self.keys()):
-            if self.array:
-                self.update(key, self._value_buffer())
-            else:
+            if not self.array:
                 self.delete(key)
+            elif bytes(self.lookup(key)) != zero:
+                self.update(key, self._value_buffer())
 
 
 @dataclass
 class Maps:
-    """All maps of one attachment, by name."""
+    """All maps of one attachment, by name; the ring buffers' fds by name."""
 
     by_name: dict[str, Map]
+    rings: dict[str, int] = field(default_factory=dict)
+    _events: bpfsys.RingBuffer | None = field(default=None, repr=False)
 
     def __getattr__(self, name: str) -> Map:
         try:
@@ -268,6 +326,7 @@ class Maps:
     def from_prog_fds(cls, prog_fds: list[int]) -> Maps:
         """The maps the programs use, each opened once (the caller keeps the program fds)."""
         by_name: dict[str, Map] = {}
+        rings: dict[str, int] = {}
         for prog_fd in prog_fds:
             _, map_ids = bpfsys.prog_info(prog_fd)
             for map_id in map_ids:
@@ -276,25 +335,39 @@ class Maps:
                 name = info.name.decode()
                 if name in LAYOUT and name not in by_name:
                     by_name[name] = Map(name, fd, info)
+                elif name in RINGS and name not in rings:
+                    rings[name] = fd
                 else:
                     os.close(fd)
-        missing = set(LAYOUT) - set(by_name)
+        missing = set(constants.MAP_NAMES) - set(by_name) - set(rings)
         if missing:
-            for m in by_name.values():
-                os.close(m.fd)
+            for fd in [m.fd for m in by_name.values()] + list(rings.values()):
+                os.close(fd)
             raise MacnatError(f"the attached programs lack the maps {sorted(missing)}: not a macnat datapath of this version")
-        return cls(by_name)
+        return cls(by_name, rings)
 
     def close(self) -> None:
         for m in self.by_name.values():
             os.close(m.fd)
+        if self._events is not None:
+            self._events.close()
+        for fd in self.rings.values():
+            os.close(fd)
+
+    def events(self) -> Iterator[Event]:
+        """The datapath's events (rate-limited per port there) since the last call, oldest first."""
+        if self._events is None:
+            self._events = bpfsys.RingBuffer(self.rings["events"])
+        for record in self._events.records():
+            yield Event.from_buffer_copy(record.ljust(ctypes.sizeof(Event), b"\0"))
 
     def current_config(self) -> Config:
         return self.by_name["config"].lookup(u32(0))
 
-    def add_vm_mac(self, mac: MacBytes, last_seen_ns: int) -> None:
-        """Make a MAC known as a VM's, as the datapath's learn_mac() does."""
-        self.by_name["vm_macs"].update(MacAddr(mac), MacSeen(last_seen_ns=last_seen_ns))
+    def add_vm_mac(self, mac: MacBytes, last_seen_ns: int, port: int = 0) -> None:
+        """Make a MAC known as a VM's, as the datapath's commit_mac() does; with port 0, the first bridge
+        port that uses it takes it (a static VM's)."""
+        self.by_name["vm_macs"].update(MacAddr(mac), VmMac(last_seen_ns=last_seen_ns, port=port))
         self.by_name["vm_hints"].update(u32(vm_hint_slot(mac)), u8(1))
 
     def counter_total(self, name: str) -> int:

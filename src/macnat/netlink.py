@@ -1,6 +1,6 @@
 """Netlink through pyroute2: the interfaces macnat works with, the host's own addresses and routes,
-and bridge FDB entries. (The manager's event source, which listens to changes, is in
-macnat.manager.sources.)"""
+the Wi-Fi's on-link prefixes and gateways, and bridge FDB entries. (The manager's event source, which
+listens to changes, is in macnat.manager.sources.)"""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_NOARP, NUD_PERMANENT
 
+NTF_STICKY = 0x40  # <linux/neighbour.h>; pyroute2 0.9 does not name it
+
 from macnat.errors import MacnatError
 
 RT_SCOPE_LINK = 253
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
+RT_TABLE_MAIN = 254
+RTN_UNICAST = 1
+NUD_INCOMPLETE, NUD_FAILED = 0x01, 0x20
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,36 @@ def ipv4_networks(ipr: IPRoute, index: int) -> set[ipaddress.IPv4Network]:
             for msg in ipr.get_addr(family=socket.AF_INET, index=index)}
 
 
+def onlink_prefixes(ipr: IPRoute, index: int) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The prefixes on the link of an interface: those of its addresses, and its routes without a
+    gateway in the main table (an on-link prefix from an RA, a `default dev wlan0`)."""
+    found = {ipaddress.ip_interface(f"{_address(msg)}/{msg['prefixlen']}").network for msg in ipr.get_addr(index=index)}
+    for family, any_address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if msg["type"] == RTN_UNICAST and msg.get("RTA_OIF") == index and not msg.get("RTA_GATEWAY") \
+                    and not msg.get("RTA_MULTIPATH"):
+                found.add(ipaddress.ip_network(f"{msg.get('RTA_DST') or any_address}/{msg['dst_len']}"))
+    return found
+
+
+def gateways(ipr: IPRoute, index: int) -> dict[str, str | None]:
+    """The default gateways through an interface (main table) -> their MAC in the neighbour table, if known."""
+    found: dict[str, str | None] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if msg["dst_len"] == 0 and msg.get("RTA_OIF") == index and msg.get("RTA_GATEWAY"):
+                found[msg.get("RTA_GATEWAY")] = None
+    if found:
+        for msg in ipr.get_neighbours(ifindex=index):
+            dst = msg.get("NDA_DST")
+            if dst in found and msg.get("NDA_LLADDR") and not msg["state"] & (NUD_INCOMPLETE | NUD_FAILED):
+                found[dst] = msg.get("NDA_LLADDR")
+    return found
+
+
 def default_gateway(ipr: IPRoute, index: int) -> str | None:
     """The IPv4 default gateway through the interface, if the main table has one."""
-    for msg in ipr.get_default_routes(family=socket.AF_INET):
-        if msg.get("RTA_OIF") == index and msg.get("RTA_GATEWAY"):
-            return msg.get("RTA_GATEWAY")
-    return None
+    return next((ip for ip in sorted(gateways(ipr, index)) if ":" not in ip), None)
 
 
 NUD_RESOLVED = 0x02 | 0x04 | 0x08 | 0x10 | 0x80   # REACHABLE, STALE, DELAY, PROBE, PERMANENT
@@ -121,8 +150,10 @@ def neighbour_mac(ipr: IPRoute, index: int, ip: str) -> str | None:
 
 
 def fdb_set(ipr: IPRoute, port: int, mac: str) -> None:
-    """A static bridge FDB entry: frames to `mac` go to `port` only (what `bridge fdb replace ... master static` does)."""
-    ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER)
+    """A static, sticky bridge FDB entry: frames to `mac` go to `port` only, and a frame from another port
+    with `mac` as its source does not move it there (`bridge fdb replace ... master static sticky`; a
+    static entry alone is moved by learning)."""
+    ipr.fdb("replace", ifindex=port, lladdr=mac, state=NUD_NOARP, flags=NTF_MASTER | NTF_STICKY)
 
 
 def fdb_del(ipr: IPRoute, port: int, mac: str) -> None:

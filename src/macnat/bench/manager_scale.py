@@ -24,7 +24,7 @@ from macnat.datapath import Datapath
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties import ageing
 from macnat.manager.state import State
-from macnat.maps import Binding, IpAddr, MacAddr, MacSeen, mac_bytes
+from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes
 from macnat.netlink import Link
 
 SIZES = (10, 1000, constants.MAX_BINDINGS)
@@ -51,11 +51,11 @@ def fill(maps, bindings: int, full_mac_tables: bool) -> None:
             else IpAddr.from_buffer_copy(ipaddress.IPv6Address(base6 + i).packed)
         maps.bindings.update(key, Binding(mac=mac, last_seen_ns=now))
     if full_mac_tables:  # up to full: the lab's own VMs already have a few entries
-        for table, prefix, size in ((maps.vm_macs, "52:54:00:fe", constants.MAX_VM_MACS),
-                                    (maps.lan_macs, "02:4c:00:00", constants.MAX_LAN_MACS)):
+        for table, prefix, size, value in ((maps.vm_macs, "52:54:00:fe", constants.MAX_VM_MACS, VmMac(now)),
+                                           (maps.lan_macs, "02:4c:00:00", constants.MAX_LAN_MACS, LanMac(now))):
             for i in range(size):
                 try:
-                    table.update(MacAddr(mac_bytes(f"{prefix}:{i >> 8:02x}:{i & 255:02x}")), MacSeen(now))
+                    table.update(MacAddr(mac_bytes(f"{prefix}:{i >> 8:02x}:{i & 255:02x}")), value)
                 except bpfsys.BpfError as exc:
                     if exc.errno != errno.E2BIG:
                         raise

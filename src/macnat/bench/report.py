@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from macnat import bench  # noqa: E402
+from macnat import bench, fuzz  # noqa: E402
 from macnat.bench import cpu, datapath, manager_scale, recovery  # noqa: E402
 
 
@@ -22,7 +22,8 @@ def write(results: dict, output: Path) -> Path:
     markdown = output / "benchmarks.md"
     plot = output / "benchmarks.png"
     draw(results, plot)
-    markdown.write_text(render(results, plot.name))
+    kept = fuzz.carried_over(markdown.read_text()) if markdown.exists() else ""  # python -m macnat.fuzz's figures
+    markdown.write_text(render(results, plot.name) + kept)
     return markdown
 
 

@@ -160,16 +160,16 @@ def arp_offload(ctx, target):
     if not talking:
         return ok("no VM has sent anything from an IPv4 address yet: nothing to tell")
     answered = [ip for ip, b in talking.items() if b.rx_packets]
-    lan_hosts = sum(1 for _ in found.maps.lan_macs.items())
+    # An ARP reply or request for a VM's address is unicast to the station: wifi_to_vm counts it.
+    to_vms = found.maps.counter_total("wifi_to_vm")
     to_host = found.maps.counter_total("wifi_to_host")
-    if not answered and not lan_hosts and to_host:
+    if not answered and not to_vms and to_host:
         return warning(f"the VMs ({', '.join(talking)}) sent {sum(b.tx_packets for b in talking.values())} frames and "
-                       "got nothing back: no unicast from Wi-Fi reached them, and no LAN host's ARP for them reached "
-                       f"{target.wifi} (lan_macs is empty), while the host gets its own traffic ({to_host} frames, "
-                       "counter wifi_to_host). The Wi-Fi firmware may handle ARP itself (ARP offload) and drop it for "
-                       "every other address",
+                       f"got nothing back: no unicast from Wi-Fi reached any VM, not even an ARP reply (counter "
+                       f"wifi_to_vm is 0), while the host gets its own traffic ({to_host} frames, counter wifi_to_host). "
+                       "The Wi-Fi firmware may handle ARP itself (ARP offload) and drop it for every other address",
                        f"iw dev {target.wifi} set power_save off   # some firmware offloads ARP in power save only; "
                        "otherwise a Wi-Fi adapter whose driver passes ARP to the host (mac80211 drivers do)",
                        topics.ARP_OFFLOAD, silent=list(talking))
-    return ok(f"{len(answered)} of {len(talking)} talking VMs got answers; {lan_hosts} LAN hosts asked for or "
-              "answered them", answered=answered, lan_hosts=lan_hosts)
+    return ok(f"{len(answered)} of {len(talking)} talking VMs got answers; {to_vms} unicast frames from Wi-Fi "
+              "reached VMs", answered=answered, to_vms=to_vms)

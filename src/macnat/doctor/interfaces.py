@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from macnat import netlink, nl80211
+from macnat import constants, netlink, nl80211
 from macnat.doctor import topics
 from macnat.doctor.core import check, error, ok, warning
 from macnat.plumbing import uplink_names
@@ -196,13 +196,17 @@ def bridge_ports(ctx, target):
 
 def known_lan_macs(ctx, target) -> dict[str, str]:
     """MACs known to be on the Wi-Fi LAN -> what they are: the gateway, and LAN hosts macnat saw."""
-    from macnat.maps import mac_str
+    from macnat.maps import ip_str, mac_str
 
     known = {}
     wifi = ctx.link(target.wifi)
     attached = ctx.attachment(target.wifi)
     if attached is not None:
-        known.update({mac_str(key.addr): "a LAN host that talked to a VM" for key, _ in attached.maps.lan_macs.items()})
+        for key, lan_mac in attached.maps.lan_macs.items():
+            known[mac_str(key.addr)] = "a gateway" if lan_mac.flags & constants.LAN_PINNED else "a LAN host that talked to a VM"
+        for key, lan_addr in attached.maps.lan_addrs.items():  # the manager pins the gateways' addresses too
+            if lan_addr.flags & constants.LAN_PINNED and any(lan_addr.mac):
+                known[mac_str(lan_addr.mac)] = f"the gateway {ip_str(key)}"
     if wifi is not None:
         gateway = netlink.default_gateway(ctx.ipr, wifi.index)
         mac = gateway and netlink.neighbour_mac(ctx.ipr, wifi.index, gateway)
@@ -221,6 +225,10 @@ def bridge_uplink(ctx, target):
     known = known_lan_macs(ctx, target)
     if wifi is not None:
         known[wifi.mac] = f"{target.wifi} itself"
+    attached = ctx.attachment(target.wifi)
+    # A running manager pins the LAN MACs to its uplink (sticky: the bridge learns them nowhere else),
+    # and the datapath refuses them from any other port: the manager names the ports they came from.
+    forged = (attached.manager or {}).get("forged_sources", {}) if attached is not None else {}
     uplinks, dormant = {}, []
     for port in netlink.bridge_ports(ctx.ipr, link.index):
         if port.name == uplink:
@@ -228,8 +236,12 @@ def bridge_uplink(ctx, target):
         kind = port_kind(port)
         behind = netlink.fdb_macs(ctx.ipr, port.index)
         seen = [f"{what} ({mac})" for mac, what in known.items() if mac in behind]
+        from_lan = forged.get(port.name, {})
+        if from_lan.get("owner") == "lan":
+            what = known.get(from_lan["mac"], "a LAN host")
+            seen.append(f"frames from {what} ({from_lan['mac']}) came in on it")
         if seen:
-            uplinks[port.name] = f"{port.name} ({kind}) leads to the LAN: the bridge found {', '.join(seen)} behind it"
+            uplinks[port.name] = f"{port.name} ({kind}) leads to the LAN: {'; '.join(seen)}"
         elif kind == "Wi-Fi" or (kind == "physical NIC" and port.carrier):
             uplinks[port.name] = f"{port.name} is a {kind} with a carrier"
         elif kind == "physical NIC":

@@ -137,3 +137,19 @@ class BindingsExpired:
     """The manager removed these learned bindings (address strings)."""
 
     addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BindingsRemoved:
+    """The manager removed bindings for another reason than ageing (a claim's owner that did not
+    answer, a gateway's address or MAC in a VM's hands)."""
+
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PortsReleased:
+    """Bridge ports that went away released their VM MACs (port ifindex -> MACs), and the bindings
+    of those MACs; static bindings' MACs are free for the next port to take."""
+
+    ports: dict

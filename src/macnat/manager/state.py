@@ -47,6 +47,9 @@ class State:
     vms: int = 0
     binding_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (family, kind) -> bindings
     lan_macs: int = 0
+    # bridge port -> {"mac", "owner", "at"}: the last frame refused there for another's source MAC (a
+    # forging VM, or a second way to the LAN when the MAC is a LAN host's); for doctor, via the status file
+    forged_sources: dict[str, dict] = field(default_factory=dict)
     started_monotonic: float = field(default_factory=time.monotonic)
     stopping: bool = False
     exit_code: int = 0

@@ -47,20 +47,27 @@ class Periodic(Duty):
 
 def all_duties() -> list[Duty]:
     """Every duty, in the order each event reaches them (the plumbing first: the others need its links)."""
-    from macnat.manager.duties import (ageing, bindings_log, docking, host_addresses, lan_fdb, metrics, network_change,
-                                       notify, plumbing, refusals, statics, status_file, wifi_identity)
+    from macnat.manager.duties import (ageing, bindings_log, claims, docking, host_addresses, lan_fdb, lan_side,
+                                       metrics, network_change, notify, plumbing, port_accounting, security_log,
+                                       security_settings, statics, status_file, vm_fdb, vm_ports, wifi_identity)
 
     return [
         plumbing.Plumbing(),
         docking.Docking(),
+        security_settings.SecuritySettings(),
         host_addresses.HostAddresses(),
+        lan_side.LanSide(),
+        vm_ports.VmPorts(),
         bindings_log.BindingsLog(),   # before the statics: it reads what an earlier manager left
         statics.Statics(),
         wifi_identity.WifiIdentity(),
         network_change.NetworkChange(),
         lan_fdb.LanFdb(),
+        vm_fdb.VmFdb(),
         ageing.Ageing(),
-        refusals.Refusals(),
+        claims.Claims(),
+        port_accounting.PortAccounting(),
+        security_log.SecurityLog(),
         status_file.StatusFile(),
         metrics.Metrics(),
         notify.Notify(),

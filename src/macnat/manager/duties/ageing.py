@@ -11,16 +11,16 @@ out: every VM gets the time to answer.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
-from macnat import constants, frames, netlink
+from macnat import constants
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
 from macnat.tables import binding_counts
 from macnat.manager.duties import Periodic
-from macnat.maps import Binding, IpAddr, MacAddr, MacSeen, ip_str, mac_str
+from macnat.manager.probes import Prober
+from macnat.maps import Binding, IpAddr, MacAddr, VmMac, ip_str, mac_str
 
 log = logging.getLogger("macnat")
 PROBES = 3   # unicast probes an idle binding gets before it expires
@@ -32,8 +32,7 @@ class Ageing(Periodic):
         self.probed_at: dict[str, float] = {}   # address -> time.monotonic() of its last probe
         self.grace_until = 0.0
         self.wifi_was_unusable = False
-        self.socket: socket.socket | None = None
-        self.socket_bridge: int | None = None
+        self.prober = Prober()
 
     def handle(self, event_, state) -> None:
         if isinstance(event_, (events.Started, events.Reloaded)):
@@ -70,8 +69,10 @@ class Ageing(Periodic):
                 event("expired", f"expired {ip} at {mac_str(macs[i])}: silent for {idle_ns / 1e9:.0f} s",
                       ip=ip, mac=mac_str(macs[i]), idle_s=round(idle_ns / 1e9))
             elif self.probe_due(ip, now):
-                source = source or self.probe_source(state)
-                self.probe(state, ip, macs[i], source, now)
+                source = source or self.prober.source(state)
+                self.prober.probe(state, ip, macs[i], source)
+                self.probed_at[ip] = now
+                log.debug("probing idle %s at %s", ip, mac_str(macs[i]))
         waiting = set(idle.values()) - set(expired.values())   # probed and not answered yet
         self.probed_at = {ip: t for ip, t in self.probed_at.items() if ip in waiting}
         bound = {macs[i] for i in range(table.count) if i not in expired}
@@ -81,7 +82,7 @@ class Ageing(Periodic):
             state.post(events.BindingsExpired(tuple(expired.values())))
         if expire:
             vm_macs = state.maps.vm_macs.snapshot()
-            for key, last in zip(vm_macs.key_list(), vm_macs.field("last_seen_ns", MacSeen)):
+            for key, last in zip(vm_macs.key_list(), vm_macs.field("last_seen_ns", VmMac)):
                 if key not in bound and now_ns - last >= age_ns:
                     state.maps.vm_macs.delete(MacAddr.from_buffer_copy(key))
         if learned and not idle:
@@ -93,44 +94,5 @@ class Ageing(Periodic):
         last = self.probed_at.get(ip)
         return last is None or now - last >= self.interval
 
-    @staticmethod
-    def probe_source(state) -> tuple[bytes, bytes, bytes | None]:
-        """What a probe comes from: the Wi-Fi interface's MAC, IPv4 (0.0.0.0 if none), IPv6 link-local."""
-        index = state.wifi.index
-        ipv4 = netlink.interface_address(state.ipr, index, socket.AF_INET) or "0.0.0.0"
-        ipv6 = netlink.interface_address(state.ipr, index, socket.AF_INET6, link_local=True)
-        return (bytes(state.maps.current_config().wifi_mac), socket.inet_aton(ipv4),
-                socket.inet_pton(socket.AF_INET6, ipv6) if ipv6 else None)
-
-    def probe(self, state, ip: str, vm_mac: bytes, source, now: float) -> None:
-        """Ask an idle VM whether it still has `ip`: its answer refreshes the binding in the datapath."""
-        mac, ipv4, ipv6 = source
-        if ":" in ip:
-            if ipv6 is None:
-                log.debug("cannot probe %s: %s has no IPv6 link-local address", ip, state.wifi_name)
-                return
-            frame = frames.neighbour_solicitation(vm_mac, mac, ipv6, socket.inet_pton(socket.AF_INET6, ip))
-        else:
-            frame = frames.arp(vm_mac, mac, ipv4, socket.inet_aton(ip))
-        try:
-            self.bridge_socket(state).send(frame)
-        except OSError as exc:
-            log.warning("could not probe %s: %s", ip, exc)
-        self.probed_at[ip] = now
-        log.debug("probing idle %s at %s", ip, mac_str(vm_mac))
-
-    def bridge_socket(self, state) -> socket.socket:
-        """A packet socket into the bridge (opened again when the bridge is re-created)."""
-        if state.bridge is None:
-            raise OSError(f"{state.settings.bridge} is gone")
-        if self.socket is None or self.socket_bridge != state.bridge.index:
-            self.close()
-            self.socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-            self.socket.bind((state.bridge.name, 0))
-            self.socket_bridge = state.bridge.index
-        return self.socket
-
     def close(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
+        self.prober.close()

@@ -11,7 +11,8 @@ from macnat import netlink
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties import Periodic
-from macnat.maps import MacAddr, MacSeen, mac_bytes, mac_str
+from macnat import constants
+from macnat.maps import LanMac, MacAddr, mac_bytes, mac_str
 
 
 class LanFdb(Periodic):
@@ -38,8 +39,8 @@ class LanFdb(Periodic):
         now_ns = monotonic_ns()
         table = state.maps.lan_macs.snapshot()
         live = set()
-        for key, seen in zip(table.key_list(), table.field("last_seen_ns", MacSeen)):
-            if now_ns - seen >= age_ns:
+        for key, seen, flags in zip(table.key_list(), table.field("last_seen_ns", LanMac), table.field("flags", LanMac)):
+            if not flags & constants.LAN_PINNED and now_ns - seen >= age_ns:  # the gateways are pinned
                 state.maps.lan_macs.delete(MacAddr.from_buffer_copy(key))
             else:
                 live.add(key)

@@ -67,8 +67,8 @@ def current_network(state) -> Network | None:
     subnets = sorted(netlink.ipv4_networks(state.ipr, state.wifi.index), key=str)
     if not subnets:
         return None
-    gateway = netlink.default_gateway(state.ipr, state.wifi.index)
-    gateway_mac = netlink.neighbour_mac(state.ipr, state.wifi.index, gateway) if gateway else None
+    ipv4_gateways = sorted((ip, mac) for ip, mac in netlink.gateways(state.ipr, state.wifi.index).items() if ":" not in ip)
+    gateway, gateway_mac = ipv4_gateways[0] if ipv4_gateways else (None, None)
     return Network(str(subnets[0]), gateway, gateway_mac, state.association.ssid)
 
 
@@ -158,6 +158,7 @@ class NetworkChange(Duty):
             if not binding.flags & constants.BINDING_STATIC:
                 bindings += maps.bindings.delete(key)
         lan_macs = sum(maps.lan_macs.delete(key) for key in list(maps.lan_macs.keys()))
+        maps.lan_addrs.clear()   # the old LAN's hosts and gateways (the new gateways are pinned again)
         maps.refusals.clear()
         return {"bindings": bindings, "lan_macs": lan_macs}
 

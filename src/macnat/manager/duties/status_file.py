@@ -36,10 +36,11 @@ class StatusFile(Periodic):
             "program_ids": self.program_ids,
             "network": network.describe() if network else None,
             "ssid": state.association.ssid, "bssid": state.association.bssid,
-            "bindings": state.bindings, "vms": state.vms,
+            "bindings": state.bindings, "vms": state.vms, "forged_sources": state.forged_sources,
             "config": str(state.resolved.path), "uptime_s": round(time.monotonic() - state.started_monotonic),
         }
         comparable = {k: v for k, v in status.items() if k != "uptime_s"}
+        comparable["forged_sources"] = {port: f["mac"] for port, f in state.forged_sources.items()}
         if comparable != self.last and not state.stopping:
             state.lock.write_status(status)
             self.last = comparable
