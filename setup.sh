@@ -21,7 +21,9 @@ command -v apt-get >/dev/null || die "this set-up needs a Debian-based system (a
 packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client
           iperf3 tcpdump iputils-ping bpftool
           ebtables iptables parprouted dhcp-helper linux-perf   # the benchmarks' alternatives and profile
-          qemu-system-x86 debootstrap busybox-static zstd cpio kmod)   # the real-802.11 test in a VM
+          qemu-system-x86 debootstrap busybox-static zstd cpio kmod    # the real-802.11 test in a VM
+          vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+          qemu-utils rsync e2fsprogs)   # ... and under Vagrant, with a libvirtd of the test's own
 
 # Wait for a dpkg lock another apt run holds, rather than fail.
 apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
