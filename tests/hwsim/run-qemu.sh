@@ -14,6 +14,7 @@
 #   MACNAT_HWSIM_SCRIPT  the script to run in the guest, as root (default tests/hwsim/guest-test.sh)
 #   MACNAT_HWSIM_CACHE   where the guest is kept (default /var/cache/macnat-hwsim)
 #   MACNAT_HWSIM_TIMEOUT seconds the VM may run (default 1200)
+#   MACNAT_HWSIM_KEEP    set: keep the share (the script's logs, the console, systemd's journal) in /tmp
 set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/guest-build.sh"
@@ -30,7 +31,7 @@ share=$(mktemp -d /tmp/macnat-hwsim-share.XXXXXX)
 trap '[ -n "${MACNAT_HWSIM_KEEP:-}" ] || rm -rf "$share"' EXIT
 mkdir -p "$share/logs"
 build_wheelhouse "$share/wheels"
-cp "$script" "$share/script"; cp "$hwsim_dir/guest-test.sh" "$share/"
+cp "$script" "$share/script"
 guest_env=(HOME=/root MACNAT_LOG_DIR=/mnt/share/logs "MACNAT_PIP_ARGS=--no-index --find-links /mnt/share/wheels macnat")
 if [ "$init_mode" = custom ]; then
     cmdline="root=9p ro init=/mnt/share/guest-init.sh"

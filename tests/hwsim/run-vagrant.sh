@@ -11,7 +11,6 @@
 # exists only in that namespace; vagrant runs there too. Afterwards no domain, network or volume may
 # be left, nor a process in the namespace; then the namespace and the directory go.
 #
-#   MACNAT_HWSIM_SCOPE     full (default), or smoke: the guest test up to `macnat attach` (what CI runs)
 #   MACNAT_VAGRANT_DRIVER  kvm, or qemu (TCG); default kvm where it works
 #   MACNAT_NS_PREFIX       the namespace's prefix (default mn)
 #   MACNAT_HWSIM_CACHE     where the guest, the box and Vagrant's home are kept
@@ -20,7 +19,8 @@ set -euo pipefail
 
 . "$(dirname "${BASH_SOURCE[0]}")/guest-build.sh"
 need_tools vagrant libvirtd virsh qemu-system-x86_64 qemu-img nsenter unshare rsync
-ns=${MACNAT_NS_PREFIX:-mn}libvirt
+prefix=${MACNAT_NS_PREFIX:-mn}
+ns=${prefix}libvirt
 
 box=$("$hwsim_dir/build-box.sh")
 export VAGRANT_HOME="$cache/vagrant.d"
@@ -31,7 +31,7 @@ if [ "$(cat "$VAGRANT_HOME/macnat-box.recipe" 2>/dev/null)" != "$(cat "$cache/bo
     cp "$cache/box.recipe" "$VAGRANT_HOME/macnat-box.recipe"
 fi
 
-state=$(mktemp -d /tmp/macnat-vagrant.XXXXXX)
+state=$(mktemp -d "/tmp/macnat-vagrant-$prefix.XXXXXX")
 libvirtd_pid=
 # Whatever is still there on the way out, however the run ended.
 clean_up() {
@@ -90,7 +90,7 @@ build_wheelhouse "$state/wheels"
 export VAGRANT_DOTFILE_PATH="$state/dot-vagrant" VAGRANT_DEFAULT_PROVIDER=libvirt VAGRANT_NO_COLOR=1 \
     VAGRANT_CHECKPOINT_DISABLE=1 VAGRANT_BOX_UPDATE_CHECK_DISABLE=1
 export MACNAT_VAGRANT_BOX=macnat/bookworm-hwsim MACNAT_WHEELHOUSE="$state/wheels" \
-    MACNAT_VAGRANT_CONSOLE="$state/log/console.log" MACNAT_HWSIM_SCOPE=${MACNAT_HWSIM_SCOPE:-full}
+    MACNAT_VAGRANT_CONSOLE="$state/log/console.log"
 if [ -z "${MACNAT_VAGRANT_DRIVER:-}" ]; then
     if kvm_usable; then MACNAT_VAGRANT_DRIVER=kvm; else MACNAT_VAGRANT_DRIVER=qemu; fi
 fi
@@ -99,7 +99,7 @@ export MACNAT_VAGRANT_DRIVER
 # vagrant STEP...: one vagrant command in the namespace, timed.
 vagrant_step() {
     local started=$SECONDS status=0
-    say "vagrant $* ($MACNAT_VAGRANT_DRIVER, scope $MACNAT_HWSIM_SCOPE)"
+    say "vagrant $* ($MACNAT_VAGRANT_DRIVER)"
     in_ns vagrant "$@" --no-tty || status=$?
     say "vagrant $1: $((SECONDS - started)) s, exit $status"
     return "$status"
