@@ -55,7 +55,10 @@ build_box() {
     echo '{"provider": "libvirt", "format": "qcow2", "virtual_size": 4}' >"$work/box/metadata.json"
     cat >"$work/box/Vagrantfile" <<'EOF'
 # The disk has no boot loader: libvirt boots the kernel and initramfs shipped beside it in this box.
+# The box is a throwaway test machine on a private network: Vagrant keeps its insecure key rather
+# than replacing it (which takes most of a minute of ssh round trips under TCG).
 Vagrant.configure("2") do |config|
+  config.ssh.insert_key = false
   config.vm.provider :libvirt do |libvirt|
     libvirt.kernel = File.join(__dir__, "vmlinuz")
     libvirt.initrd = File.join(__dir__, "initramfs.cpio.gz")
