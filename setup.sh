@@ -18,6 +18,9 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "this set-up needs a Debian-based system (apt-get)"
 
 # Debian's python3-bpfcc is bcc; PyPI's "bcc" is an unrelated package and is never installed.
+# libvirt comes as the bare daemon and its qemu driver, not libvirt-daemon-system: that one would
+# enable a libvirtd at boot with a default NAT network on this machine (and pull in systemd here).
+# tests/hwsim/run-vagrant.sh starts its own libvirtd in a namespace and stops it.
 packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client
           iperf3 tcpdump iputils-ping bpftool
           ebtables iptables parprouted dhcp-helper linux-perf   # the benchmarks' alternatives and profile
