@@ -31,6 +31,7 @@ systemd-run --wait --pipe --quiet echo "a transient unit ran"
 modprobe mac80211_hwsim radios=1
 timeout 30 sh -c 'until systemctl -q is-active sys-subsystem-net-devices-wlan0.device; do sleep 0.2; done'
 echo "wlan0's device unit: $(systemctl is-active sys-subsystem-net-devices-wlan0.device)"
+echo "pip installs macnat from: $MACNAT_PIP_ARGS"
 exit 7
 """
 
@@ -52,5 +53,6 @@ def test_the_guest_runs_a_script_under_systemd(tmp_path):
     output = proc.stdout + proc.stderr
     print(output)
     assert proc.returncode == 7, output[-20000:]
-    for line in ("PID 1: systemd", "system: running", "a transient unit ran", "wlan0's device unit: active"):
+    for line in ("PID 1: systemd", "system: running", "a transient unit ran", "wlan0's device unit: active",
+                 "pip installs macnat from: --no-index --find-links /mnt/share/wheels macnat"):
         assert line in proc.stdout, line
