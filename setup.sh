@@ -18,10 +18,15 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "this set-up needs a Debian-based system (apt-get)"
 
 # Debian's python3-bpfcc is bcc; PyPI's "bcc" is an unrelated package and is never installed.
+# libvirt comes as the bare daemon and its qemu driver, not libvirt-daemon-system: that one would
+# enable a libvirtd at boot with a default NAT network on this machine.
+# tests/hwsim/run-vagrant.sh starts its own libvirtd in a namespace and stops it.
 packages=(python3-bpfcc python3-venv iproute2 nftables dnsmasq-base isc-dhcp-client dhcpcd-base bridge-utils
           iperf3 tcpdump iputils-ping bpftool
           ebtables iptables parprouted dhcp-helper linux-perf   # the benchmarks' alternatives and profile
           qemu-system-x86 debootstrap busybox-static zstd cpio kmod    # the real-802.11 test in a VM
+          vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+          qemu-utils rsync e2fsprogs    # ... and under Vagrant, with a libvirtd of the test's own
           dpkg-dev debhelper dh-python build-essential fakeroot python3-pip python3-hatchling  # the .deb
           groff-base systemd systemd-container  # its man page, unit (systemd-analyze) and service (nspawn)
           pipx   # the pipx route's test

@@ -3,6 +3,7 @@ Debian's kernel, through the laptop's day (a flap, a re-plug, a roam to another 
 per-network random MAC). The guest test prints every check; on failure it also prints the logs of hostapd,
 wpa_supplicant, macnat and dnsmasq and a summary of the captures."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -37,6 +38,18 @@ EVIDENCE = (
     "PASS nothing left on wlan1",
 )
 
+# Run as a unit by systemd as PID 1; its exit status must come back as the runner's.
+SYSTEMD_SCRIPT = """
+echo "PID 1: $(ps -p 1 -o comm=)"
+echo "system: $(systemctl is-system-running --wait)"
+systemd-run --wait --pipe --quiet echo "a transient unit ran"
+modprobe mac80211_hwsim radios=1
+timeout 30 sh -c 'until systemctl -q is-active sys-subsystem-net-devices-wlan0.device; do sleep 0.2; done'
+echo "wlan0's device unit: $(systemctl is-active sys-subsystem-net-devices-wlan0.device)"
+echo "pip installs macnat from: $MACNAT_PIP_ARGS"
+exit 7
+"""
+
 
 def test_macnat_over_real_80211_in_a_vm():
     proc = subprocess.run([str(RUNNER)], capture_output=True, text=True, timeout=3600)
@@ -45,3 +58,16 @@ def test_macnat_over_real_80211_in_a_vm():
     assert proc.returncode == 0, output[-20000:]
     for line in EVIDENCE:
         assert line in output, line
+
+
+def test_the_guest_runs_a_script_under_systemd(tmp_path):
+    script = tmp_path / "systemd-check.sh"
+    script.write_text(SYSTEMD_SCRIPT)
+    env = os.environ | {"MACNAT_HWSIM_INIT": "systemd", "MACNAT_HWSIM_SCRIPT": str(script)}
+    proc = subprocess.run([str(RUNNER)], capture_output=True, text=True, timeout=1800, env=env)
+    output = proc.stdout + proc.stderr
+    print(output)
+    assert proc.returncode == 7, output[-20000:]
+    for line in ("PID 1: systemd", "system: running", "a transient unit ran", "wlan0's device unit: active",
+                 "pip installs macnat from: --no-index --find-links /mnt/share/wheels macnat"):
+        assert line in proc.stdout, line
