@@ -1046,6 +1046,7 @@ int uplink_egress(struct __sk_buff *skb)
         return drop(MACNAT_CNT_DROP_MALFORMED);
     __builtin_memcpy(eth->h_source, cfg->wifi_mac, 6);
     count(MACNAT_CNT_VM_TO_WIFI);
+    skb->mark |= MACNAT_MARK_FROM_VMS;  /* for wifi_egress, which the redirect runs next */
     return bpf_redirect(cfg->wifi_ifindex, 0);
 }
 
@@ -1287,6 +1288,10 @@ int wifi_ingress(struct __sk_buff *skb)
 /* The host's own frames on their way out: those for a VM go into the bridge instead. */
 int wifi_egress(struct __sk_buff *skb)
 {
+    /* A VM's frame uplink_egress translated and redirected here: nothing more to do. The bit stays:
+     * wlan0's qdisc may tell the VMs' traffic by it. */
+    if (skb->mark & MACNAT_MARK_FROM_VMS)
+        return TC_ACT_OK;
     struct macnat_config *cfg = get_config();
     if (!cfg || !cfg->bridge_ifindex || !pull(skb, sizeof(struct ethhdr)))
         return TC_ACT_OK;

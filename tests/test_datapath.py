@@ -351,6 +351,23 @@ def test_host_traffic_to_the_lan_is_untouched(datapath):
     assert rc == TC_ACT_OK and out == frame and moved == {}
 
 
+
+def test_a_translated_vm_frame_is_marked_and_wlan0_egress_passes_it_at_once(datapath):
+    """uplink_egress marks what it redirects to wlan0 (one bit, the rest of the mark kept); wlan0's egress
+    program, which the redirect runs next, passes a marked frame untouched and does not redirect it into
+    the bridge even when it is addressed to a VM's MAC (a host frame like it would be)."""
+    other_bits = 0x0000ca6c
+    frame = bytes(Ether(src=VM_MAC, dst=LAN_MAC) / IP(src=VM_IP, dst=LAN_IP) / ICMP())
+    translated = Harness.run(datapath, "uplink_egress", frame, TAP_IFINDEX_OF_VM, mark=other_bits)
+    assert translated.retval == TC_ACT_REDIRECT and translated.mark == other_bits | constants.MARK_FROM_VMS
+    passed = Harness.run(datapath, "wifi_egress", translated.data, mark=translated.mark)
+    assert (passed.retval, passed.data, passed.moved, passed.mark) == (TC_ACT_OK, translated.data, {}, translated.mark)
+    datapath.bind(VM_IP, VM_MAC)
+    to_a_vm = bytes(Ether(src=WIFI_MAC, dst=VM_MAC) / IP(src=LAN_IP, dst=VM_IP) / ICMP())
+    assert Harness.run(datapath, "wifi_egress", to_a_vm, mark=constants.MARK_FROM_VMS).retval == TC_ACT_OK
+    host_frame = Harness.run(datapath, "wifi_egress", to_a_vm, mark=other_bits)
+    assert (host_frame.retval, host_frame.mark) == (TC_ACT_REDIRECT, other_bits)
+
 # ---- IPv6 ----------------------------------------------------------------------------------------
 
 def ll_options(pkt) -> list[str]:

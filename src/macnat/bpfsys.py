@@ -32,6 +32,8 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_BTF_LOAD = 18
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -39,6 +41,7 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
+RETURN_OK = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_RINGBUF = 27
 
@@ -88,13 +91,24 @@ class _TestRunAttr(ctypes.Structure):
 
 
 class ProgInfo(ctypes.Structure):
-    """The head of struct bpf_prog_info (the kernel fills as much as we ask for)."""
+    """The head of struct bpf_prog_info, up to the run-time statistics (the kernel fills as much as we
+    ask for)."""
 
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
                 ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
                 ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
                 ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
-                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16),
+                ("ifindex", ctypes.c_uint32), ("gpl_compatible", ctypes.c_uint32),
+                ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+                ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+                ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
+                ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
+                ("nr_func_info", ctypes.c_uint32), ("nr_line_info", ctypes.c_uint32),
+                ("line_info", ctypes.c_uint64), ("jited_line_info", ctypes.c_uint64),
+                ("nr_jited_line_info", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("jited_line_info_rec_size", ctypes.c_uint32), ("nr_prog_tags", ctypes.c_uint32),
+                ("prog_tags", ctypes.c_uint64), ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64)]
 
 
 class MapInfo(ctypes.Structure):
@@ -106,6 +120,7 @@ class MapInfo(ctypes.Structure):
 
 
 # struct __sk_buff up to and including ifindex; BPF_PROG_TEST_RUN accepts this prefix as ctx_in.
+SKB_CTX_ROOM = 512  # more than all of struct __sk_buff (192 bytes in 6.x), which ctx_out needs room for
 class SkBuffCtx(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint32), ("pkt_type", ctypes.c_uint32), ("mark", ctypes.c_uint32),
                 ("queue_mapping", ctypes.c_uint32), ("protocol", ctypes.c_uint32),
@@ -132,6 +147,16 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
     return ret
+
+
+class _EnableStatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS: the kernel times every BPF program's runs (ProgInfo.run_time_ns, run_cnt) for
+    as long as the returned fd is open; the timing itself costs each run a clock read."""
+    return _bpf(BPF_ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
 
 
 def prog_fd_by_id(prog_id: int) -> int:
@@ -179,6 +204,7 @@ class TestRun:
     retval: int
     data: bytes
     duration_ns: int
+    ctx: SkBuffCtx | None   # the __sk_buff fields as the program left them, when a ctx was given
 
 
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: SkBuffCtx | None = None) -> TestRun:
@@ -191,11 +217,13 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: SkBuffCtx | N
     inp = ctypes.create_string_buffer(data, len(data))
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=len(out),
                         data_in=ctypes.addressof(inp), data_out=ctypes.addressof(out), repeat=repeat)
+    ctx_out = ctypes.create_string_buffer(SKB_CTX_ROOM)  # the kernel hands back all of __sk_buff or nothing
     if ctx is not None:
-        attr.ctx_in = ctypes.addressof(ctx)
-        attr.ctx_size_in = ctypes.sizeof(ctx)
+        attr.ctx_in, attr.ctx_size_in = ctypes.addressof(ctx), ctypes.sizeof(ctx)
+        attr.ctx_out, attr.ctx_size_out = ctypes.addressof(ctx_out), len(ctx_out)
     _bpf(BPF_PROG_TEST_RUN, attr)
-    return TestRun(attr.retval, out.raw[:attr.data_size_out], attr.duration)
+    return TestRun(attr.retval, out.raw[:attr.data_size_out], attr.duration,
+                   SkBuffCtx.from_buffer_copy(ctx_out) if ctx is not None else None)
 
 
 def prog_load(prog_type: int, insns: bytes, name: str) -> int:

@@ -80,6 +80,11 @@ CFG_ALLOW_DOCUMENTATION = 16    # VMs may use the documentation prefixes (RFC 57
 # cls_bpf filters: an explicit priority and handle, so macnat finds and removes only its own.
 TC_PRIO = 0x40DE  # an unusual priority: other tools sharing the clsact keep theirs
 TC_HANDLE = 0x1
+# The skb->mark bit uplink_egress sets on a VM's frame it redirects to wlan0, so that wlan0's own egress
+# program, which the redirect runs again, passes it at once instead of looking it over as a frame of the
+# host's. One bit, so the rest of a mark survives (and a qdisc on wlan0 may shape the VMs' traffic by
+# it); a bit the usual markers (WireGuard 0xca6c, Tailscale 0xff0000, kube-proxy 0xc000) leave alone.
+MARK_FROM_VMS = 0x10000000
 PROGRAMS = {  # function in bpf/macnat.c -> (device role, hook)
     "wifi_ingress": ("wifi", "ingress"),
     "wifi_egress": ("wifi", "egress"),
@@ -117,6 +122,7 @@ def cflags() -> list[str]:
         "MACNAT_CFG_ONLINK_IPV6": CFG_ONLINK_IPV6,
         "MACNAT_CFG_ALLOW_IPV4_LINK_LOCAL": CFG_ALLOW_IPV4_LINK_LOCAL,
         "MACNAT_CFG_ALLOW_DOCUMENTATION": CFG_ALLOW_DOCUMENTATION,
+        "MACNAT_MARK_FROM_VMS": MARK_FROM_VMS,
     }
     flags.update({f"MACNAT_PORT_{name.upper()}": i for i, name in enumerate(PORT_COUNTS)})
     flags.update({f"MACNAT_CNT_{name.upper()}": i for name, i in COUNTER_INDEX.items()})

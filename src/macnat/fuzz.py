@@ -521,7 +521,7 @@ def carried_over(markdown: str) -> str:
 
 def render(report: Report) -> str:
     total = sum(p["frames"] for p in report.per_program.values())
-    out = [REPORT_MARK, "", "## 6. Hostile frames", "",
+    out = [REPORT_MARK, "", "## 9. Hostile frames", "",
            f"`python -m macnat.fuzz --frames {report.frames_per_program}` (seed {report.seed}, "
            f"{time.strftime('%Y-%m-%d %H:%M')}): {total:,} frames built by macnat.fuzz (a pool of {POOL:,} "
            "scapy-built frames per program, fuzzed layers, fields, options and extension headers, each run "

@@ -29,6 +29,7 @@ class Run:
     data: bytes
     moved: dict[str, int]   # counters that changed, by how much
     ns_per_run: float
+    mark: int               # skb->mark as the program left it
 
 
 class Harness:
@@ -83,14 +84,15 @@ class Harness:
             self.maps.host_addrs.update(ip_key(ip), maps.u8(1))
         list(self.maps.events())
 
-    def run(self, program: str | int, frame: bytes, ingress_ifindex: int = 0, repeat: int = 1) -> Run:
+    def run(self, program: str | int, frame: bytes, ingress_ifindex: int = 0, repeat: int = 1, mark: int = 0) -> Run:
         """Run a datapath program (by name) or any program (by fd) on one frame."""
         fd = self.fds[program] if isinstance(program, str) else program
         before = self.maps.counter_totals()
-        result = bpfsys.prog_test_run(fd, frame, repeat=repeat, ctx=bpfsys.SkBuffCtx(ingress_ifindex=ingress_ifindex))
+        result = bpfsys.prog_test_run(fd, frame, repeat=repeat,
+                                      ctx=bpfsys.SkBuffCtx(ingress_ifindex=ingress_ifindex, mark=mark))
         after = self.maps.counter_totals()
         moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-        return Run(result.retval, result.data, moved, result.duration_ns)
+        return Run(result.retval, result.data, moved, result.duration_ns, result.ctx.mark)
 
     def bind(self, ip: str, mac: str, flags: int = 0, port: int = VM_PORT) -> None:
         """A VM on `port` with `ip` bound to its `mac`, as the datapath would have learned it."""

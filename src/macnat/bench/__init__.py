@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macnat import lab
-from macnat.bench import cpu, datapath, manager_scale, recovery, report, setups, traffic
+from macnat.bench import cpu, datapath, manager_scale, program_time, recovery, report, setups, traffic
 
 # Targets of issue #6, checked in the report.
 TARGET_FAST_PATH_RATIO = 4.0
@@ -249,6 +249,8 @@ def run(quick: bool, rounds: int | None, output: Path, say=print) -> Path:
             results["lab"] = lab_comparison(plan, workdir, say)
             say(f"   CPU per byte at a fixed rate, {plan.cpu_rounds} interleaved round(s) of 5 setups ...")
             results["cpu"] = cpu.measure(plan.cpu_rounds, plan.cpu_seconds, workdir, say)
+            say("   time inside macnat's programs under the same traffic (BPF_ENABLE_STATS) ...")
+            results["program_time"] = program_time.measure(min(plan.cpu_rounds, 3), plan.cpu_seconds, workdir)
             say("   profiling one TCP transfer under (a) and (b) ...")
             results["profile"] = profile(plan, workdir)
             say("4. learning ...")

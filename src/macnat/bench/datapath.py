@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from scapy.all import ARP, BOOTP, DHCP, IP, UDP, Ether, Raw
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
 
-from macnat import netns
+from macnat import constants, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, Harness
 from macnat.maps import Binding, IpAddr, ip_key, mac_bytes
 
@@ -51,6 +51,7 @@ class Path:
     expect: int
     fast: bool            # a per-packet path of bulk traffic (the <= 4x target), not signalling
     ingress_ifindex: int = 0
+    mark: int = 0         # skb->mark the frame arrives with
 
 
 PATHS = [
@@ -75,6 +76,9 @@ PATHS = [
     Path("host -> LAN, passthrough (wlan0 egress)", "wifi_egress",
          bytes(Ether(src=WIFI, dst=LAN) / IP(src=HOST_IP, dst=LAN_IP) / UDP(sport=9, dport=9) / PAYLOAD),
          vm_sends, TC_ACT_OK, True),
+    Path("VM -> Wi-Fi, then wlan0 egress (marked by uplink_egress)", "wifi_egress",
+         bytes(Ether(src=WIFI, dst=LAN) / IP(src=VM_IP, dst=LAN_IP) / UDP(sport=9, dport=9) / PAYLOAD),
+         vm_sends, TC_ACT_OK, True, mark=constants.MARK_FROM_VMS),
     Path("Wi-Fi -> VM, ARP reply", "wifi_ingress",
          bytes(Ether(src=LAN, dst=WIFI) / ARP(op=2, hwsrc=LAN, psrc=LAN_IP, hwdst=WIFI, pdst=VM_IP)),
          wifi_delivers, TC_ACT_REDIRECT, False),
@@ -116,7 +120,7 @@ def measure(h: Harness, empty_fd: int, paths: list[Path], repeat: int, rounds: i
         empty.append(e)
         for p in paths:
             p.prepare(h)
-            run = h.run(p.program, p.frame, p.ingress_ifindex, repeat=repeat)
+            run = h.run(p.program, p.frame, p.ingress_ifindex, repeat=repeat, mark=p.mark)
             if run.retval != p.expect:
                 raise RuntimeError(f"{p.name}: return code {run.retval}, expected {p.expect}")
             per_path[p.name].append((run.ns_per_run, run.ns_per_run / e))

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from macnat import bench, fuzz  # noqa: E402
-from macnat.bench import cpu, datapath, manager_scale, recovery  # noqa: E402
+from macnat import constants  # noqa: E402
+from macnat.bench import cpu, datapath, manager_scale, program_time, recovery  # noqa: E402
 
 
 def verdict(met: bool) -> str:
@@ -185,14 +186,13 @@ def render(r: dict, plot_name: str) -> str:
     out += render_recovery(r["recovery"])
     out += render_manager(r["manager"])
     out += render_cpu(r["cpu"])
+    out += render_program_time(r["program_time"])
     changes = []
     if worst < bench.TARGET_THROUGHPUT_RATIO or not ahead:
         changes.append(
-            "- Throughput: macnat's programs are a fraction of a percent of the CPU in a transfer, so the remaining "
-            "per-packet work is the kernel's: a frame macnat redirects runs through wlan0's egress hook a second "
-            "time (a mark set by uplink_egress would let wifi_egress return at once), and the binding counters "
-            "are atomic adds on a shared cache line (per-CPU counters would avoid that). Before that, measure "
-            "on a machine with more cores, iperf3 and softirqs pinned: on 2 cores the rounds vary by about 30%.")
+            "- Throughput: macnat's programs are a fraction of a percent of the CPU in a transfer (section 8 has "
+            "their time per frame), so what remains is the kernel's work around them, and the 2-core machine's "
+            "noise: measure on a machine with more cores, iperf3 and softirqs pinned, before changing more.")
     if run["attached_s"] >= bench.TARGET_ATTACH_S:
         changes.append(
             "- Attach: the bcc compile is most of it, and it is paid on every attach. Loading a pre-built object "
@@ -232,6 +232,48 @@ def render_cpu(c: dict) -> list[str]:
             f"(target <= {bench.TARGET_CPU_PER_BYTE_RATIO:g}x)",
             f"- macnat below (c), (d) and (e) on every flow (medians): {verdict(ahead)}", ""]
     return out
+
+
+def render_program_time(t: dict) -> list[str]:
+    flows = [name for name, _, _ in cpu.FLOWS]
+    titles = {"tcp_up": "TCP VM->LAN", "tcp_down": "TCP LAN->VM", "udp_up": "UDP VM->LAN", "udp_down": "UDP LAN->VM"}
+    out = [
+        "### Time inside macnat's programs",
+        "",
+        program_time.__doc__.split("\n\n", 1)[1].strip(),
+        "",
+        f"(b) only, the flows and rates above, {t['seconds']} s each, {t['rounds']} round(s); medians. ns per run "
+        f"includes the kernel's own timing of each run: {t['floor_ns']:.0f} ns for a program that returns at once. "
+        "ns per KB is all three programs' time per kilobyte delivered.",
+        "",
+        "| program | " + " | ".join(titles[f] for f in flows) + " |",
+        "| --- | " + " | ".join("---:" for _ in flows) + " |",
+    ]
+    for program in constants.PROGRAMS:
+        cells = [f"{t['flows'][f][program]:.0f} ns" if program in t["flows"][f] else "-" for f in flows]
+        out.append(f"| `{program}` | " + " | ".join(cells) + " |")
+    out.append("| all three, per KB delivered | " + " | ".join(f"{t['flows'][f]['ns_per_kb']:.1f} ns" for f in flows) + " |")
+    out += ["", *DATAPATH_CHANGES, ""]
+    return out
+
+
+# Measured once, the datapath before and after each change side by side in one lab (each variant attached
+# in turn, 3 interleaved rounds, the medians of this section's measurement; BPF_PROG_TEST_RUN for section 1).
+DATAPATH_CHANGES = [
+    "Changes to the datapath, each measured before and after (2026-12-01, this machine, 3 interleaved rounds "
+    "of each variant with the measurement above):",
+    "",
+    "- A VM's frame that uplink_egress redirects to wlan0 runs wlan0's egress program again. uplink_egress now "
+    "sets one bit of skb->mark (0x10000000, constants.MARK_FROM_VMS) and wifi_egress returns at once for it: "
+    "wifi_egress per run in TCP VM->LAN 127 -> 99 ns (46 ns of a run is the kernel's timing of it), all three programs 21.3 -> 19.0 ns per KB delivered; in "
+    "BPF_PROG_TEST_RUN the second pass costs 1.16x an empty program instead of 1.21x.",
+    "- The binding counters are atomic adds (tx and rx in one cache line, written from both CPUs in a TCP "
+    "transfer). Plain adds instead measured the same within noise (TCP VM->LAN 21.0 vs 21.3 ns per KB, uplink_egress "
+    "606 vs 611 ns per run; BPF_PROG_TEST_RUN 3.71x vs 3.68x): the lock prefix is not what costs. Plain adds "
+    "dirty the same shared line, so only per-CPU counters could remove the sharing, and they need a per-CPU "
+    "binding table or a second lookup per frame; not tried, since the sharing did not show. Kept atomic, "
+    "so the counts stay exact.",
+]
 
 
 def render_recovery(rec: dict) -> list[str]:

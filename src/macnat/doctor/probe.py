@@ -23,7 +23,6 @@ from macnat import bpfsys, loader
 from macnat.errors import MacnatError
 
 # r0 = 0 (TC_ACT_OK); exit
-RETURN_OK = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 BTF_MAGIC = 0xEB9F
 SCHED_CLS_SOURCE = "#include <uapi/linux/pkt_cls.h>\nint cls(struct __sk_buff *skb) { return TC_ACT_OK; }\n"
@@ -57,7 +56,7 @@ def kernel_features() -> dict[str, str | None]:
         except NetlinkError as exc:
             found["clsact"] = _failed("tc qdisc add dev lo clsact", OSError(exc.code, os.strerror(exc.code)))
         try:
-            fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_SCHED_CLS, RETURN_OK, "macnat_probe")
+            fd = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_SCHED_CLS, bpfsys.RETURN_OK, "macnat_probe")
         except OSError as exc:
             found["cls_bpf"] = found["test_run"] = _failed("bpf(BPF_PROG_LOAD) of a SCHED_CLS program", exc)
         else:
