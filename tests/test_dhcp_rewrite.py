@@ -11,7 +11,7 @@ from scapy.all import BOOTP, DHCP, IP, UDP, Ether, Raw
 
 from macnat import constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
-from macnat.maps import DhcpRequest, ip_key, mac_bytes, u32
+from macnat.maps import DhcpRequest, ip_key, mac_bytes, xid_key
 
 WIFI_MAC, VM_MAC, VM2_MAC, SERVER_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", \
     "02:4d:4e:00:00:01"
@@ -69,7 +69,7 @@ def keep(harness):
 
 
 def pending(h: Harness, xid: int = XID) -> DhcpRequest | None:
-    return h.maps.dhcp_requests.lookup(u32(int.from_bytes(xid.to_bytes(4, "big"), "little")))
+    return h.maps.dhcp_requests.lookup(xid_key(xid))
 
 
 def from_vm(h: Harness, frame: bytes, port: int = VM_PORT):

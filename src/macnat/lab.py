@@ -29,7 +29,9 @@ Three more behaviours of real access points, for `macnat doctor` to recognise: `
 answers ARP for the listed addresses itself, with the station's MAC: hostapd's proxy_arp=1, which
 sets the bridge port's proxy_arp_wifi and keeps neighbour entries from its DHCP snooping),
 `ap_isolation` (client isolation: the station reaches the router only) and `arp_offload` (Wi-Fi
-firmware that keeps every ARP not for the station's own address from the host).
+firmware that keeps every ARP not for the station's own address from the host). `chaddr_check` is the
+strict network of issue #13: the AP drops the station's DHCP requests whose BOOTP chaddr is not the
+station's MAC (DHCP snooping's "verify mac-address"), counted as `chaddr_mismatch`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class Knobs:
     ap_proxy_arp: list[str] = field(default_factory=list)  # addresses the AP answers ARP for, as the station's
     ap_isolation: bool = False        # the AP lets the station talk to the router only
     arp_offload: bool = False         # only ARP for the station's own address reaches it
+    chaddr_check: bool = False        # the AP drops the station's DHCP whose chaddr is not the station's MAC
 
 
 def namespaces(knobs: Knobs | None = None) -> list[Namespace]:
@@ -535,6 +538,9 @@ def set_ap(knobs: Knobs) -> None:
         rules += ['iifname "air" oifname != "p-router" drop', 'oifname "air" iifname != "p-router" drop']
     if knobs.arp_offload:
         rules.append(f'oifname "air" arp daddr ip != {NETWORKS[knobs.network].laptop_ip} drop')
+    if knobs.chaddr_check:  # BOOTP chaddr: 28 bytes into the message, after the 8-byte UDP header
+        station = "0x" + knobs.station_mac.replace(":", "")
+        rules.append(f'iifname "air" udp sport 68 udp dport 67 @th,288,48 != {station} counter name "chaddr_mismatch" drop')
     if knobs.ap_filter:
         rules.append(f'iifname "air" ether saddr != {knobs.station_mac} counter name "from_unassociated" drop')
         rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
@@ -547,6 +553,7 @@ delete table bridge {AP_TABLE}
 table bridge {AP_TABLE} {{
   counter from_unassociated {{}}
   counter to_unassociated {{}}
+  counter chaddr_mismatch {{}}
   chain forward {{
     type filter hook forward priority 0; policy accept;
 {body}

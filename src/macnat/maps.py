@@ -156,6 +156,11 @@ def mac_bytes(mac: str) -> MacBytes:
         raise MacnatError(f"'{mac}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)") from None
 
 
+def xid_key(xid: int) -> u32:
+    """A DHCP transaction id as dhcp_requests keys it: its four bytes as they lie in the frame."""
+    return u32(int.from_bytes(xid.to_bytes(4, "big"), "little"))
+
+
 def vm_hint_slot(mac: MacBytes) -> int:
     """The vm_hints slot of a MAC: hint_slot() in bpf/macnat.c (a test checks they agree)."""
     return (mac[3] << 16 | mac[4] << 8 | mac[5]) % constants.VM_HINT_SLOTS
