@@ -6,12 +6,25 @@ with the frame scapy builds for what it must be, lengths and checksums recompute
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from scapy.all import BOOTP, DHCP, IP, UDP, Ether, Raw
 
-from macnat import constants, maps, netns
+from macnat import config, constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
+from macnat.manager import events
+from macnat.manager.clock import monotonic_ns
+from macnat.manager.duties.dhcp_policy import DhcpPolicy
+from macnat.manager.duties.network_change import Network
+from macnat.manager.state import State
 from macnat.maps import DhcpRequest, ip_key, mac_bytes, xid_key
+from macnat.netlink import Link
+from test_datapath import Sniffer
 
 WIFI_MAC, VM_MAC, VM2_MAC, SERVER_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02", \
     "02:4d:4e:00:00:01"
@@ -275,3 +288,115 @@ def test_two_vms_leasing_at_once_each_get_their_own(rewrite):
     assert {maps.mac_str(rewrite.binding(ip).mac): rewrite.binding(ip).port for ip in (VM_IP, VM2_IP)} == \
         {VM_MAC: VM_PORT, VM2_MAC: PORT2}
     assert rewrite.maps.bindings.lookup(ip_key(HOST_IP)) is None
+
+
+# ---- dhcp = auto: the DhcpPolicy duty over the datapath's own tables ---------------------------
+
+def manager(h: Harness, policy: str) -> tuple[DhcpPolicy, State]:
+    """The duty and the manager's shared facts over the harness's maps, attached to wifi0 and br0."""
+    resolved = config.resolve("wifi0", {"bridge": "br0", "dhcp": policy}, path=Path("/nonexistent"), environ={})
+
+    class HarnessDatapath:
+        maps, programs = h.maps, h.fds
+
+    links = {name: Link(h.ifindex.get(name, 0), name, WIFI_MAC, "veth", None, 1500, up=True, carrier=True)
+             for name in ("wifi0", "br0", "up0")}
+    links["up0"] = replace(links["up0"], index=socket.if_nametoindex("up0"), master=h.ifindex["br0"])
+    state = State("wifi0", resolved, HarnessDatapath(), ipr=None, wifi=links["wifi0"], bridge=links["br0"],
+                  uplink=links["up0"])
+    duty = DhcpPolicy()
+    duty.handle(events.Started(), state)
+    return duty, state
+
+
+def rewriting(h: Harness) -> bool:
+    return bool(h.maps.current_config().flags & REWRITE)
+
+
+def unanswered_discovers(h: Harness, age_s: float = 3.0) -> None:
+    """vm1 sent a DISCOVER and its retransmission, the first `age_s` ago, and nothing answered."""
+    from_vm(h, request())
+    from_vm(h, request())
+    backdate(h, age_s)
+
+
+def backdate(h: Harness, age_s: float) -> None:
+    entry = pending(h)
+    entry.first_ns = monotonic_ns() - int(age_s * 1e9)
+    h.maps.dhcp_requests.update(xid_key(XID), entry)
+
+
+def test_auto_switches_to_rewrite_when_vms_go_unanswered_and_the_host_is_answered(keep, caplog):
+    duty, state = manager(keep, "auto")
+    assert not rewriting(keep) and state.dhcp == "auto: keep"
+    keep.run("wifi_egress", request(mac=WIFI_MAC, xid=0x7777))            # the host's DHCP client ...
+    keep.run("wifi_ingress", reply("ack", xid=0x7777, yiaddr=HOST_IP))    # ... answered
+    unanswered_discovers(keep, age_s=1.0)
+    duty.run(time.monotonic(), state)
+    assert not rewriting(keep), "a second's silence is no proof"
+    backdate(keep, 3.0)
+    with caplog.at_level(logging.INFO, logger="macnat"):
+        duty.run(time.monotonic(), state)
+    assert rewriting(keep) and state.dhcp.startswith("auto: rewrite since ")
+    assert "2 requests of 1 VM (52:54:00:00:01:01) got no answer in 3.0 s while the server answers this host's own " \
+        "requests" in caplog.text
+    run = from_vm(keep, request())  # the VM's next retransmission
+    assert run.moved["dhcp_rewritten"] == 1
+    keep.run("wifi_ingress", reply("ack", options=[client_id(VM_MAC)]))
+    with caplog.at_level(logging.INFO, logger="macnat"):
+        duty.run(time.monotonic(), state)
+    assert "VM 52:54:00:00:01:01 got its answer about 3.0 s after its first request" in caplog.text
+
+
+def test_auto_asks_the_server_as_the_host_and_keeps_keep_when_nobody_answers(keep, caplog):
+    """No request of the host's own to go by: the duty sends a DHCPDISCOVER as the host (chaddr the Wi-Fi
+    MAC, no client identifier) and, with no answer to it either, stays with keep."""
+    duty, state = manager(keep, "auto")
+    unanswered_discovers(keep)
+    air = Sniffer("air0")
+    try:
+        start = time.monotonic()
+        duty.run(start, state)
+        sent = [Ether(f) for f in air.drain(0.5)]
+    finally:
+        air.close()
+    probe = next(p for p in sent if BOOTP in p)
+    assert probe.src == WIFI_MAC and bytes(probe[BOOTP].chaddr)[:6] == bytes(mac_bytes(WIFI_MAC))
+    assert probe[DHCP].options[0] == ("message-type", 1) and probe[BOOTP].flags == 0x8000
+    assert not any(isinstance(o, tuple) and o[0] == "client_id" for o in probe[DHCP].options)
+    with caplog.at_level(logging.INFO, logger="macnat"):
+        duty.run(start + 3.5, state)
+    assert not rewriting(keep) and "no DHCP server answers on this network; keeping the VMs' chaddr" in caplog.text
+
+
+def test_auto_leaves_keep_alone_while_the_vms_are_answered(keep):
+    duty, state = manager(keep, "auto")
+    unanswered_discovers(keep)
+    keep.run("wifi_ingress", reply("offer", chaddr=VM_MAC))
+    keep.run("wifi_egress", request(mac=WIFI_MAC, xid=0x7777))
+    keep.run("wifi_ingress", reply("ack", xid=0x7777, yiaddr=HOST_IP))
+    duty.run(time.monotonic(), state)
+    assert not rewriting(keep)
+
+
+def test_auto_goes_back_to_keep_on_a_new_network_and_a_restarted_manager_keeps_its_decision(keep):
+    duty, state = manager(keep, "auto")
+    keep.run("wifi_egress", request(mac=WIFI_MAC, xid=0x7777))
+    keep.run("wifi_ingress", reply("ack", xid=0x7777, yiaddr=HOST_IP))
+    unanswered_discovers(keep)
+    duty.run(time.monotonic(), state)
+    assert rewriting(keep)
+    _, restarted = manager(keep, "auto")
+    assert rewriting(keep) and restarted.dhcp == "auto: rewrite"
+    duty.handle(events.NetworkChanged(None, Network("192.168.88.0/24", "192.168.88.1", None, None)), state)
+    assert not rewriting(keep) and state.dhcp == "auto: keep"
+
+
+@pytest.mark.parametrize("policy, expected", [("keep", False), ("rewrite", True)])
+def test_keep_and_rewrite_are_what_the_datapath_does(keep, policy, expected):
+    duty, state = manager(keep, policy)
+    assert rewriting(keep) is expected and state.dhcp == policy
+    new = replace(state.settings, dhcp="keep" if expected else "rewrite")
+    state.resolved = replace(state.resolved, settings=new)
+    duty.handle(events.Reloaded(replace(new, dhcp=policy), new), state)
+    assert rewriting(keep) is not expected
