@@ -143,6 +143,7 @@ class Knobs:
     ap_isolation: bool = False        # the AP lets the station talk to the router only
     arp_offload: bool = False         # only ARP for the station's own address reaches it
     chaddr_check: bool = False        # the AP drops the station's DHCP whose chaddr is not the station's MAC
+    server_ignores_client_id: bool = False  # dnsmasq --dhcp-ignore-clid: leases by chaddr alone
 
 
 def namespaces(knobs: Knobs | None = None) -> list[Namespace]:
@@ -295,6 +296,8 @@ def _start_dnsmasq(net: LanNetwork, knobs: Knobs) -> None:
         f"--dhcp-leasefile={net.state_file('dnsmasq.leases')}", "--log-dhcp", "--log-facility=-",
         f"--pid-file={pidfile}",
     ]
+    if knobs.server_ignores_client_id:
+        argv.append("--dhcp-ignore-clid")
     if knobs.ipv6:
         # RA with the A flag (SLAAC) and the M flag (DHCPv6): VMs get an address of each kind.
         argv += ["--enable-ra", f"--dhcp-range={net.prefix6}100,{net.prefix6}1ff,slaac,64,1h"]
@@ -368,20 +371,25 @@ def _write_dhclient_files() -> None:
     script.chmod(0o755)
 
 
-def dhcp(vm: str, renew_after: int | None = None) -> str | None:
-    """Run the VM's real DHCP client once; the leased address, or None if it got none in DHCP_TIMEOUT.
+def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = None, timeout: int = DHCP_TIMEOUT,
+         lease: str | None = None) -> str | None:
+    """Run the VM's real DHCP client once; the leased address, or None if it got none in `timeout` s.
 
     On success dhclient stays in the background and renews (after `renew_after` seconds if given,
-    else at the server's T1), as in a real VM.
+    else at the server's T1) and rebinds (after `rebind_after`, else at T2), as in a real VM. `lease`:
+    a lease statement the client starts from (it asks for that address first, INIT-REBOOT).
     """
     release(vm)
-    conf = (f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
+    if lease:
+        (STATE_DIR / f"dhclient-{vm}.leases").write_text(lease)
+    conf = (f"timeout {timeout};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
             "request subnet-mask, broadcast-address, routers;\n"
-            + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else ""))
-    return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf) else None
+            + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else "")
+            + (f"supersede dhcp-rebinding-time {rebind_after};\n" if rebind_after else ""))
+    return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf, timeout) else None
 
 
-def _dhclient(vm: str, kind: str, options: list[str], conf: str) -> bool:
+def _dhclient(vm: str, kind: str, options: list[str], conf: str, timeout: int = DHCP_TIMEOUT) -> bool:
     """Run isc dhclient once in the VM, its files named after `kind`; True when it got a lease."""
     host = VMS[vm]
     conf_path = STATE_DIR / f"{kind}-{vm}.conf"
@@ -390,7 +398,7 @@ def _dhclient(vm: str, kind: str, options: list[str], conf: str) -> bool:
                        "-sf", str(STATE_DIR / "dhclient-script"),
                        "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"),
                        "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), host.ifname,
-                       check=False, timeout=DHCP_TIMEOUT + 10)
+                       check=False, timeout=timeout + 10)
     with open(STATE_DIR / f"{kind}-{vm}.log", "a") as log:
         log.write(proc.stdout + proc.stderr)
     return proc.returncode == 0
@@ -491,6 +499,19 @@ def release(vm: str) -> None:
     """Stop the VM's DHCP client and forget its lease, so the next dhcp() starts from scratch."""
     _stop_client(vm, "dhclient")
     VMS[vm].ns.ip("-4", "addr", "flush", "dev", VMS[vm].ifname)
+
+
+def dhcp_log(vm: str) -> str:
+    """What the VM's dhclient printed (every run since the lab came up)."""
+    path = STATE_DIR / f"dhclient-{vm}.log"
+    return path.read_text() if path.exists() else ""
+
+
+def server_leases(network: str | None = None) -> list[dict[str, str]]:
+    """The leases the router's dnsmasq holds: address, chaddr and client identifier ("*": none)."""
+    path = NETWORKS[network or current_knobs().network].state_file("dnsmasq.leases")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [dict(zip(("expiry", "chaddr", "ip", "hostname", "client_id"), line.split())) for line in lines]
 
 
 def vm_ip(vm: str) -> str | None:

@@ -1,0 +1,218 @@
+"""Strict networks in the lab (issue #13): an access point that drops the station's DHCP whose chaddr is
+not the station's MAC (the lab's chaddr_check knob, an nft rule on the BOOTP chaddr), and the DHCPv4
+policies against it, with real clients (isc dhclient without a client identifier, dhcpcd with its own)
+and the lab's dnsmasq: keep fails there, rewrite and auto lease, several VMs at once, renewals,
+rebinds and NAKs reach the right VM; what a server that takes a VM for the host, or ignores option 61,
+does. The lease times measured are printed (pytest -s shows them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import pytest
+
+from macnat import lab
+from macnat.lab import RunningManager, ping
+from test_attach import VM1, wait_for
+
+VM2 = lab.VMS["vm2"]
+STRICT = lab.Knobs(chaddr_check=True)
+# dnsmasq's lease file names a client identifier as hex bytes; macnat's for a VM is type 1 and its MAC
+MACNAT_CLIENT_ID = {vm.mac: "01:" + vm.mac for vm in (VM1, VM2)}
+
+
+@pytest.fixture
+def strict_lab():
+    lab.up(STRICT)
+    yield lab
+    lab.down()
+
+
+def attach(tmp_path, policy: str, name: str = "manager.log") -> RunningManager:
+    return RunningManager("--dhcp", policy, log=tmp_path / name)
+
+
+def timed_lease(vm: str, **options) -> tuple[str | None, float]:
+    started = time.monotonic()
+    ip = lab.dhcp(vm, **options)
+    return ip, time.monotonic() - started
+
+
+def test_keep_fails_on_an_ap_that_checks_chaddr_and_works_without_the_check(strict_lab, tmp_path):
+    """The knob is honest: the AP drops the VMs' DHCP with their own chaddr (and counts it), and the
+    same lab without the check leases."""
+    manager = attach(tmp_path, "keep")
+    try:
+        assert lab.dhcp("vm1") is None
+        assert lab.ap_drops()["chaddr_mismatch"] > 0
+        lab.set_ap(lab.Knobs())
+        ip, seconds = timed_lease("vm1")
+        assert ip, "the same VM leases once the AP stops checking chaddr"
+        print(f"\nkeep on a plain AP: lease in {seconds:.1f} s")
+    finally:
+        manager.stop()
+
+
+def test_rewrite_leases_two_vms_at_once_each_with_its_own_address(strict_lab, tmp_path):
+    """Both VMs' requests leave with the station's chaddr and their own client identifiers (macnat's,
+    dhclient sends none): dnsmasq holds two leases for the one chaddr, and each reply reached its VM."""
+    manager = attach(tmp_path, "rewrite")
+    try:
+        started = time.monotonic()
+        leases = lab.dhcp_all()
+        seconds = time.monotonic() - started
+        assert all(leases.values()) and len(set(leases.values())) == 2, leases
+        held = {entry["client_id"]: entry for entry in lab.server_leases()}
+        for name, vm in (("vm1", VM1), ("vm2", VM2)):
+            entry = held[MACNAT_CLIENT_ID[vm.mac]]
+            assert (entry["ip"], entry["chaddr"]) == (leases[name], lab.LAPTOP.mac)
+            assert ping(lab.LANHOST.ns, leases[name])
+        table = {row["ip"]: row["mac"] for row in _table()}
+        assert table[leases["vm1"]] == VM1.mac and table[leases["vm2"]] == VM2.mac
+        assert lab.ap_drops()["chaddr_mismatch"] == 0
+        print(f"\nrewrite on a strict AP: both VMs leased in {seconds:.1f} s")
+    finally:
+        manager.stop()
+
+
+def _table() -> list[dict]:
+    return json.loads(lab.macnat("table", "--json").stdout)
+
+
+def test_renewals_and_rebinds_under_rewrite_reach_the_vm(strict_lab, tmp_path):
+    """A renewal is unicast to the server and answered at the VM's address; a rebind (the server silent
+    on unicast) is broadcast, answered at the VM's address too. dhclient takes an ACK only with its own
+    chaddr, and writes each lease it takes into its lease file."""
+    manager = attach(tmp_path, "rewrite")
+    try:
+        ip = lab.dhcp("vm1", renew_after=2, rebind_after=6)
+        assert ip
+        assert wait_for(lambda: taken_leases("vm1") >= 3, timeout=10), "two renewals taken"
+        # the server's unicast is dropped: renewals fail, and at T2 the client rebinds by broadcast
+        lab.AP.run("nft", "insert", "rule", "bridge", lab.AP_TABLE, "forward", "iifname", "air", "ip", "daddr",
+                   lab.GATEWAY, "udp", "dport", "67", "counter", "drop")
+        renewed = taken_leases("vm1")
+        assert wait_for(lambda: taken_leases("vm1") > renewed, timeout=20), "a rebind taken"
+        rule = lab.AP.run("nft", "list", "chain", "bridge", lab.AP_TABLE, "forward").stdout
+        assert re.search(r'ip daddr 192\.168\.77\.1 udp dport 67 counter packets [1-9]', rule), rule
+        requests = [line for line in lab.NETWORKS["a"].state_file("dnsmasq.log").read_text().splitlines()
+                    if f"DHCPREQUEST(eth0) {ip} {lab.LAPTOP.mac}" in line]
+        assert len(requests) >= 4, "the first, two renewals and a rebind, all with the station's chaddr"
+        assert lab.vm_ip("vm1") == ip and ping(lab.LANHOST.ns, ip)
+    finally:
+        manager.stop()
+
+
+def taken_leases(vm: str) -> int:
+    """How many leases the VM's dhclient took (it appends each to its lease file: bound, renewed, rebound)."""
+    path = lab.STATE_DIR / f"dhclient-{vm}.leases"
+    return path.read_text().count("lease {") if path.exists() else 0
+
+
+def test_a_nak_under_rewrite_reaches_the_vm_which_then_leases(strict_lab, tmp_path):
+    """A VM asking for an address it may not have (an old lease from elsewhere, INIT-REBOOT) gets the
+    server's DHCPNAK, broadcast with the station's chaddr, as its own; then it asks anew."""
+    manager = attach(tmp_path, "rewrite")
+    old = 'lease {\n  interface "eth0";\n  fixed-address 192.168.77.250;\n  option subnet-mask 255.255.255.0;\n' \
+          '  option dhcp-server-identifier 192.168.77.1;\n  renew 4 2037/01/01 00:00:00;\n' \
+          '  rebind 4 2037/01/01 00:00:00;\n  expire 4 2037/01/01 00:00:00;\n}\n'
+    try:
+        ip = lab.dhcp("vm1", lease=old)
+        log = lab.dhcp_log("vm1")
+        assert "DHCPREQUEST for 192.168.77.250" in log and "DHCPNAK from 192.168.77.1" in log, log
+        assert ip and ip != "192.168.77.250"
+    finally:
+        manager.stop()
+
+
+def test_dhcpcd_keeps_its_own_client_identifier_under_rewrite(strict_lab, tmp_path):
+    """dhcpcd sends an RFC 4361 client identifier of its own: it stays (the server's lease has it), and
+    dhcpcd, which checks chaddr and the echoed identifier, takes the lease."""
+    manager = attach(tmp_path, "rewrite")
+    client = lab.start_dhcpcd("vm1")
+    try:
+        ip = lab.wait_lease("vm1", timeout=30)
+        entry = next(e for e in lab.server_leases() if e["ip"] == ip)
+        assert entry["chaddr"] == lab.LAPTOP.mac and entry["client_id"].startswith("ff:"), entry
+        assert ping(lab.LANHOST.ns, ip)
+    finally:
+        client.kill()
+        manager.stop()
+
+
+def test_auto_switches_to_rewrite_on_a_strict_ap(strict_lab, tmp_path):
+    """auto starts in keep; the VM's requests go unanswered while the server answers a DISCOVER macnat
+    sends as the host; from then on chaddr is rewritten and the VM leases. The switch is logged and shown
+    by macnat status; how long the VM waited is measured."""
+    manager = attach(tmp_path, "auto")
+    try:
+        ip, seconds = timed_lease("vm1", timeout=20)
+        assert ip and ping(lab.LANHOST.ns, ip)
+        assert "DHCP (auto): rewriting the VMs' chaddr to wlan0's MAC from now on" in manager.text()
+        assert "while the server answered a DHCPDISCOVER sent as this host" in manager.text()
+        waited = re.search(r"VM 52:54:00:00:01:01 got its answer about ([\d.]+) s", manager.text())
+        assert waited, manager.text()
+        assert "DHCP auto: rewrite since" in lab.macnat("status").stdout
+        ip2, seconds2 = timed_lease("vm2")
+        assert ip2, "a VM that comes later leases at once"
+        print(f"\nauto on a strict AP: vm1 leased in {seconds:.1f} s (macnat: answered {waited[1]} s after its first "
+              f"request), vm2 afterwards in {seconds2:.1f} s")
+    finally:
+        manager.stop()
+
+
+def test_auto_on_a_plain_ap_keeps_keep(tmp_path):
+    lab.up()
+    manager = attach(tmp_path, "auto")
+    try:
+        ip, seconds = timed_lease("vm1")
+        assert ip and lab.server_leases()[0]["chaddr"] == VM1.mac
+        time.sleep(3)  # auto looks every second
+        assert "DHCP auto: keep" in lab.macnat("status").stdout and "DHCP (auto)" not in manager.text()
+        print(f"\nauto on a plain AP: lease in {seconds:.1f} s")
+    finally:
+        manager.stop()
+        lab.down()
+
+
+def host_lease_without_client_id() -> str:
+    """The laptop's own DHCP client (isc dhclient on wlan0, no client identifier, as ifupdown runs it)
+    takes a lease; its address."""
+    conf = lab.STATE_DIR / "dhclient-host.conf"
+    conf.write_text("timeout 8;\nretry 1;\ninitial-interval 1;\nrequest subnet-mask, routers;\n")
+    lab.LAPTOP.ns.run("dhclient", "-1", "-cf", str(conf), "-sf", str(lab.STATE_DIR / "dhclient-script"),
+                      "-pf", str(lab.STATE_DIR / "dhclient-host.pid"), "-lf", str(lab.STATE_DIR / "dhclient-host.leases"),
+                      "wlan0", timeout=20)
+    return next(e["ip"] for e in lab.server_leases() if e["chaddr"] == lab.LAPTOP.mac and e["client_id"] == "*")
+
+
+def test_a_server_that_takes_a_vm_for_this_host_is_not_obeyed(strict_lab, tmp_path):
+    """dnsmasq matches a lease without a client identifier by chaddr alone: this host's own lease (its
+    DHCP client sends none) is what it offers a rewritten VM, which would take the host's address. macnat
+    drops that offer (drop_dhcp_host_address): the VM gets no lease, the host keeps its own."""
+    host_ip = host_lease_without_client_id()
+    manager = attach(tmp_path, "rewrite")
+    try:
+        assert lab.dhcp("vm1") is None
+        stats = lab.macnat("stats", "--json").stdout
+        assert re.search(r'"drop_dhcp_host_address": [1-9]', stats), stats
+        assert [e["ip"] for e in lab.server_leases() if e["chaddr"] == lab.LAPTOP.mac] == [host_ip]
+        assert lab.vm_ip("vm1") is None
+    finally:
+        manager.stop()
+
+
+def test_a_server_that_ignores_option_61_gives_every_vm_one_lease(tmp_path):
+    """dnsmasq --dhcp-ignore-clid, as servers that ignore option 61 behave: under rewrite every VM is one
+    client to it (the station's chaddr), and both VMs are handed the same address."""
+    lab.up(lab.Knobs(chaddr_check=True, server_ignores_client_id=True))
+    manager = attach(tmp_path, "rewrite")
+    try:
+        first = lab.dhcp("vm1")
+        second = lab.dhcp("vm2")
+        assert first and first == second
+        assert len(lab.server_leases()) == 1
+    finally:
+        manager.stop()
+        lab.down()
