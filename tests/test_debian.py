@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from debroot import ENV, IN_ROOT, Booted, file_list, overlay, run
+from debroot import IN_ROOT, Booted, file_list, overlay, run
 
 import macnat
 from macnat import config, lab, manpage
@@ -38,23 +38,6 @@ EXPOSURE_BOUND = 3.0
 class Installed:
     root: Path
     pristine: set[str]       # the root's file list before the package came
-
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory) -> Path:
-    """The .deb, built from the checkout's files as they are (tracked or new, not ignored ones)."""
-    source = tmp_path_factory.mktemp("deb") / "macnat"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, source / name)
-    proc = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=source, env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    [built] = source.parent.glob("macnat_*_all.deb")
-    return built
 
 
 @pytest.fixture(scope="module")

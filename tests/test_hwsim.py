@@ -4,10 +4,14 @@ per-network random MAC). The guest test prints every check; on failure it also p
 wpa_supplicant, macnat and dnsmasq and a summary of the captures."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+from macnat import config
+
 RUNNER = Path(__file__).parent / "hwsim" / "run-qemu.sh"
+SERVICE_SCRIPT = RUNNER.with_name("guest-service.sh")
 EVIDENCE = (
     "PASS enslaving wlan1 fails: Error: Device does not allow enslaving to a bridge.",
     "PASS frames with a VM's source MAC sent out wlan1 never reach the AP's LAN (0 seen)",
@@ -71,3 +75,50 @@ def test_the_guest_runs_a_script_under_systemd(tmp_path):
     for line in ("PID 1: systemd", "system: running", "a transient unit ran", "wlan0's device unit: active",
                  "pip installs macnat from: --no-index --find-links /mnt/share/wheels macnat"):
         assert line in proc.stdout, line
+
+
+# What tests/hwsim/guest-service.sh shows of macnat@wlan1 under systemd in the booted guest.
+SERVICE_EVIDENCE = (
+    "PASS the boot finished (system running) without waiting for wlan1",
+    "PASS macnat@wlan1.service is enabled (enabled)",
+    "PASS   ... and not started: wlan1 does not exist (inactive)",
+    "PASS apt installs the package over the files it had at boot",
+    "PASS systemd starts macnat@wlan1.service when wlan1's device appears",
+    "PASS   ... not ready while there is no vmbr0: activating, STATUS 'waiting for vmbr0'",
+    "PASS READY once the datapath forwards: active, STATUS '0 VMs, 0 bindings on 'macnat-hwsim''",
+    "PASS both VMs leased through the service",
+    "PASS STATUS says what it does: '2 VMs,",
+    "PASS the journal has the manager's lines at their priorities",
+    "PASS the reload lost 0% of vm1's pings",
+    "PASS   ... which logged the change of age",
+    "PASS   ... and has the static binding",
+    "PASS the unit was restarted (NRestarts 1,",
+    "PASS vm1 pinged the LAN host throughout: 0% lost",
+    "PASS   ... the new manager adopted the running datapath (no compile)",
+    "PASS after the upgrade a new manager runs",
+    "PASS stopped cleanly (inactive, result success)",
+    "PASS nothing left: no filters or clsact on wlan1, no uplink, no /run/macnat files, no VM FDB entries",
+)
+
+
+def test_the_service_in_a_booted_guest(deb, tmp_path):
+    """macnat@wlan1 from the .deb, enabled before a boot with systemd as PID 1, wlan1 appearing after it."""
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    # The guest's root is merged-/usr (its /lib is a link to usr/lib): where dpkg puts the unit there.
+    shutil.copytree(root / "lib", root / "usr/lib", symlinks=True, dirs_exist_ok=True)
+    shutil.rmtree(root / "lib")
+    (root / "root").mkdir(exist_ok=True)
+    subprocess.run(["cp", str(deb), str(root / "root")], check=True)
+    settings = root / "etc/macnat/wlan1.toml"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(config.example("wlan1", {"bridge": "vmbr0"}))
+    subprocess.run(["systemctl", f"--root={root}", "enable", "macnat@wlan1"], check=True, capture_output=True)
+    env = os.environ | {"MACNAT_HWSIM_INIT": "systemd", "MACNAT_HWSIM_SCRIPT": str(SERVICE_SCRIPT),
+                        "MACNAT_HWSIM_ROOT": str(root)}
+    proc = subprocess.run([str(RUNNER)], capture_output=True, text=True, timeout=1800, env=env)
+    output = proc.stdout + proc.stderr
+    print(output)
+    assert proc.returncode == 0, output[-20000:]
+    for line in SERVICE_EVIDENCE:
+        assert line in output, line

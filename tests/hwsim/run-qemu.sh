@@ -11,7 +11,10 @@
 #   systemd  a writable throwaway root (an overlay on a tmpfs); systemd is PID 1 and runs the script
 #            as a unit once the system is up and udev has settled; the journal is kept in the share
 #
-#   MACNAT_HWSIM_SCRIPT  the script to run in the guest, as root (default tests/hwsim/guest-test.sh)
+#   MACNAT_HWSIM_SCRIPT  the script to run in the guest, as root (default tests/hwsim/guest-test.sh);
+#                        guest-lib.sh is beside it in the guest, for it to source
+#   MACNAT_HWSIM_ROOT    systemd mode: a directory copied onto the guest's root before the boot
+#                        (files of a package, settings, enabled units)
 #   MACNAT_HWSIM_CACHE   where the guest is kept (default /var/cache/macnat-hwsim)
 #   MACNAT_HWSIM_TIMEOUT seconds the VM may run (default 1200)
 #   MACNAT_HWSIM_KEEP    set: keep the share (the script's logs, the console, systemd's journal) in /tmp
@@ -32,6 +35,7 @@ trap '[ -n "${MACNAT_HWSIM_KEEP:-}" ] || rm -rf "$share"' EXIT
 mkdir -p "$share/logs"
 build_wheelhouse "$share/wheels"
 cp "$script" "$share/script"
+cp "$hwsim_dir/guest-lib.sh" "$share/"
 guest_env=(HOME=/root MACNAT_LOG_DIR=/mnt/share/logs "MACNAT_PIP_ARGS=--no-index --find-links /mnt/share/wheels macnat")
 if [ "$init_mode" = custom ]; then
     cmdline="root=9p ro init=/mnt/share/guest-init.sh"
@@ -57,6 +61,8 @@ EOF
 else
     # The initramfs copies the share's root/ onto the writable root: the unit and its enablement.
     cmdline="root=9p rw init=/lib/systemd/systemd"
+    mkdir -p "$share/root"
+    if [ -n "${MACNAT_HWSIM_ROOT:-}" ]; then cp -a "$MACNAT_HWSIM_ROOT/." "$share/root/"; fi
     units="$share/root/etc/systemd/system"
     mkdir -p "$units/multi-user.target.wants"
     # Type=exec: the unit's start job ends once the script runs, so the boot counts as finished and
