@@ -56,7 +56,10 @@ def test_keep_fails_on_an_ap_that_checks_chaddr_and_works_without_the_check(stri
 
 def test_rewrite_leases_two_vms_at_once_each_with_its_own_address(strict_lab, tmp_path):
     """Both VMs' requests leave with the station's chaddr and their own client identifiers (macnat's,
-    dhclient sends none): dnsmasq holds two leases for the one chaddr, and each reply reached its VM."""
+    dhclient sends none): dnsmasq holds two leases for the one chaddr, and each reply reached its VM.
+    dnsmasq picks an address from a hash of chaddr and reserves none it offers: when the two exchanges
+    overlap, both are offered the same address, and the VM that requests it second gets a NAK (isc
+    dhclient then retries its REQUEST until its timeout, and leases on its next DISCOVER)."""
     manager = attach(tmp_path, "rewrite")
     try:
         started = time.monotonic()
@@ -71,7 +74,8 @@ def test_rewrite_leases_two_vms_at_once_each_with_its_own_address(strict_lab, tm
         table = {row["ip"]: row["mac"] for row in _table()}
         assert table[leases["vm1"]] == VM1.mac and table[leases["vm2"]] == VM2.mac
         assert lab.ap_drops()["chaddr_mismatch"] == 0
-        print(f"\nrewrite on a strict AP: both VMs leased in {seconds:.1f} s")
+        naks = sum(lab.dhcp_log(vm).count("DHCPNAK") for vm in ("vm1", "vm2"))
+        print(f"\nrewrite on a strict AP: both VMs leased in {seconds:.1f} s ({naks} NAKs on the way)")
     finally:
         manager.stop()
 
@@ -83,17 +87,16 @@ def _table() -> list[dict]:
 def test_renewals_and_rebinds_under_rewrite_reach_the_vm(strict_lab, tmp_path):
     """A renewal is unicast to the server and answered at the VM's address; a rebind (the server silent
     on unicast) is broadcast, answered at the VM's address too. dhclient takes an ACK only with its own
-    chaddr, and writes each lease it takes into its lease file."""
+    chaddr, and says so ("DHCPACK of" after each request it sends)."""
     manager = attach(tmp_path, "rewrite")
     try:
-        ip = lab.dhcp("vm1", renew_after=2, rebind_after=6)
+        ip = lab.dhcp("vm1", renew_after=2, rebind_after=6, foreground=True)
         assert ip
-        assert wait_for(lambda: taken_leases("vm1") >= 3, timeout=10), "two renewals taken"
+        assert wait_for(lambda: len(taken(ip, "192.168.77.1")) >= 2, timeout=10), lab.dhcp_log("vm1")
         # the server's unicast is dropped: renewals fail, and at T2 the client rebinds by broadcast
         lab.AP.run("nft", "insert", "rule", "bridge", lab.AP_TABLE, "forward", "iifname", "air", "ip", "daddr",
                    lab.GATEWAY, "udp", "dport", "67", "counter", "drop")
-        renewed = taken_leases("vm1")
-        assert wait_for(lambda: taken_leases("vm1") > renewed, timeout=20), "a rebind taken"
+        assert wait_for(lambda: taken(ip, "255.255.255.255")[1:], timeout=20), lab.dhcp_log("vm1")
         rule = lab.AP.run("nft", "list", "chain", "bridge", lab.AP_TABLE, "forward").stdout
         assert re.search(r'ip daddr 192\.168\.77\.1 udp dport 67 counter packets [1-9]', rule), rule
         requests = [line for line in lab.NETWORKS["a"].state_file("dnsmasq.log").read_text().splitlines()
@@ -104,10 +107,12 @@ def test_renewals_and_rebinds_under_rewrite_reach_the_vm(strict_lab, tmp_path):
         manager.stop()
 
 
-def taken_leases(vm: str) -> int:
-    """How many leases the VM's dhclient took (it appends each to its lease file: bound, renewed, rebound)."""
-    path = lab.STATE_DIR / f"dhclient-{vm}.leases"
-    return path.read_text().count("lease {") if path.exists() else 0
+def taken(ip: str, to: str) -> list[int]:
+    """Where in vm1's dhclient output a DHCPREQUEST for `ip` sent to `to` was answered by an ACK it took:
+    to the server, a renewal; to 255.255.255.255, the first request and then each rebind."""
+    lines = lab.dhcp_log("vm1").splitlines()
+    return [i for i, line in enumerate(lines[:-1])
+            if line.startswith(f"DHCPREQUEST for {ip} on eth0 to {to} ") and lines[i + 1].startswith(f"DHCPACK of {ip} ")]
 
 
 def test_a_nak_under_rewrite_reaches_the_vm_which_then_leases(strict_lab, tmp_path):
@@ -127,14 +132,17 @@ def test_a_nak_under_rewrite_reaches_the_vm_which_then_leases(strict_lab, tmp_pa
 
 
 def test_dhcpcd_keeps_its_own_client_identifier_under_rewrite(strict_lab, tmp_path):
-    """dhcpcd sends an RFC 4361 client identifier of its own: it stays (the server's lease has it), and
-    dhcpcd, which checks chaddr and the echoed identifier, takes the lease."""
+    """dhcpcd with `duid` (its own dhcpcd.conf's default) sends an RFC 4361 client identifier: it stays
+    (the server's lease has it, macnat added none), and dhcpcd, which checks chaddr and the echoed
+    identifier, takes the lease."""
     manager = attach(tmp_path, "rewrite")
-    client = lab.start_dhcpcd("vm1")
+    client = lab.start_dhcpcd("vm1", duid=True)
     try:
         ip = lab.wait_lease("vm1", timeout=30)
         entry = next(e for e in lab.server_leases() if e["ip"] == ip)
         assert entry["chaddr"] == lab.LAPTOP.mac and entry["client_id"].startswith("ff:"), entry
+        stats = json.loads(lab.macnat("stats", "--json").stdout)["wlan0"]
+        assert stats["dhcp_rewritten"] > 0 and stats["dhcp_client_id_added"] == 0, stats
         assert ping(lab.LANHOST.ns, ip)
     finally:
         client.kill()
@@ -151,9 +159,10 @@ def test_auto_switches_to_rewrite_on_a_strict_ap(strict_lab, tmp_path):
         assert ip and ping(lab.LANHOST.ns, ip)
         assert "DHCP (auto): rewriting the VMs' chaddr to wlan0's MAC from now on" in manager.text()
         assert "while the server answered a DHCPDISCOVER sent as this host" in manager.text()
-        waited = re.search(r"VM 52:54:00:00:01:01 got its answer about ([\d.]+) s", manager.text())
-        assert waited, manager.text()
-        assert "DHCP auto: rewrite since" in lab.macnat("status").stdout
+        answered = re.compile(r"VM 52:54:00:00:01:01 got its answer about ([\d.]+) s")
+        assert wait_for(lambda: answered.search(manager.text()), timeout=5), manager.text()  # auto looks every second
+        waited = answered.search(manager.text())
+        assert wait_for(lambda: "DHCP auto: rewrite since" in lab.macnat("status").stdout, timeout=5)  # written each second
         ip2, seconds2 = timed_lease("vm2")
         assert ip2, "a VM that comes later leases at once"
         print(f"\nauto on a strict AP: vm1 leased in {seconds:.1f} s (macnat: answered {waited[1]} s after its first "

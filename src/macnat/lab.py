@@ -372,12 +372,14 @@ def _write_dhclient_files() -> None:
 
 
 def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = None, timeout: int = DHCP_TIMEOUT,
-         lease: str | None = None) -> str | None:
+         lease: str | None = None, foreground: bool = False) -> str | None:
     """Run the VM's real DHCP client once; the leased address, or None if it got none in `timeout` s.
 
     On success dhclient stays in the background and renews (after `renew_after` seconds if given,
     else at the server's T1) and rebinds (after `rebind_after`, else at T2), as in a real VM. `lease`:
     a lease statement the client starts from (it asks for that address first, INIT-REBOOT).
+    `foreground`: dhclient runs with -d, so that dhcp_log() keeps what it prints after the first lease
+    ("DHCPACK of" for each lease it takes: its script is not run for a rebind that changes nothing).
     """
     release(vm)
     if lease:
@@ -386,19 +388,30 @@ def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = Non
             "request subnet-mask, broadcast-address, routers;\n"
             + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else "")
             + (f"supersede dhcp-rebinding-time {rebind_after};\n" if rebind_after else ""))
+    if foreground:
+        _dhclient_argv(vm, "dhclient", ["-d"], conf, spawn=True)
+        deadline = time.monotonic() + timeout
+        while not vm_ip(vm) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return vm_ip(vm)
     return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf, timeout) else None
+
+
+def _dhclient_argv(vm: str, kind: str, options: list[str], conf: str, spawn: bool = False) -> list[str]:
+    """isc dhclient's command line in the VM, its files named after `kind`; with `spawn`, started in the
+    background with its output appended to its log."""
+    conf_path = STATE_DIR / f"{kind}-{vm}.conf"
+    conf_path.write_text(conf)
+    argv = ["dhclient", *options, "-v", "-cf", str(conf_path), "-sf", str(STATE_DIR / "dhclient-script"),
+            "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"), "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), VMS[vm].ifname]
+    if spawn:
+        VMS[vm].ns.spawn(*argv, log=STATE_DIR / f"{kind}-{vm}.log")
+    return argv
 
 
 def _dhclient(vm: str, kind: str, options: list[str], conf: str, timeout: int = DHCP_TIMEOUT) -> bool:
     """Run isc dhclient once in the VM, its files named after `kind`; True when it got a lease."""
-    host = VMS[vm]
-    conf_path = STATE_DIR / f"{kind}-{vm}.conf"
-    conf_path.write_text(conf)
-    proc = host.ns.run("dhclient", *options, "-1", "-v", "-cf", str(conf_path),
-                       "-sf", str(STATE_DIR / "dhclient-script"),
-                       "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"),
-                       "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), host.ifname,
-                       check=False, timeout=timeout + 10)
+    proc = VMS[vm].ns.run(*_dhclient_argv(vm, kind, [*options, "-1"], conf), check=False, timeout=timeout + 10)
     with open(STATE_DIR / f"{kind}-{vm}.log", "a") as log:
         log.write(proc.stdout + proc.stderr)
     return proc.returncode == 0
@@ -443,17 +456,19 @@ option subnet_mask, routers
 """
 
 
-def start_dhcpcd(vm: str) -> subprocess.Popen:
+def start_dhcpcd(vm: str, duid: bool = False) -> subprocess.Popen:
     """Run dhcpcd in the VM as a guest's network manager would: it asks for a lease at start and again
     whenever its carrier comes back (how guests learn that the host changed networks). Its /run and
     /var/lib/dhcpcd are private (a mount namespace of its own): the VMs' state stays apart, and off
-    the machine."""
+    the machine. Its client identifier is type 1 and its MAC; with `duid`, an RFC 4361 one (IAID and
+    DUID, type 255), as dhcpcd's own dhcpcd.conf sets it."""
     release(vm)
-    conf = STATE_DIR / "dhcpcd.conf"
-    conf.write_text(DHCPCD_CONF)
+    conf = STATE_DIR / f"dhcpcd-{vm}.conf"
+    conf.write_text(DHCPCD_CONF + ("duid\n" if duid else ""))
     host = VMS[vm]
-    script = (f"mount -t tmpfs none /run && mount -t tmpfs none /var/lib/dhcpcd && "
-              f"exec dhcpcd -B -f {conf} -c /bin/true {host.ifname}")
+    # the configuration lives in STATE_DIR, under /run: it is read before /run becomes the private tmpfs
+    script = (f'conf="$(cat {conf})" && mount -t tmpfs none /run && mount -t tmpfs none /var/lib/dhcpcd && '
+              f'printf "%s\\n" "$conf" >/run/dhcpcd.conf && exec dhcpcd -B -f /run/dhcpcd.conf -c /bin/true {host.ifname}')
     return host.ns.spawn("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                          log=STATE_DIR / f"dhcpcd-{vm}.log")
 
