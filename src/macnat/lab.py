@@ -620,7 +620,8 @@ def reassociate(mac: str) -> None:
 
 
 def ap_drops() -> dict[str, int]:
-    """Frames the station's AP dropped: from unassociated source MACs, and unicast to MACs other than the station's."""
+    """Frames the station's AP dropped: from unassociated source MACs, unicast to MACs other than the station's, and
+    (chaddr_check) DHCP whose chaddr is not the station's MAC."""
     ap = NETWORKS[current_knobs().network].ap
     out = json.loads(ap.run("nft", "-j", "list", "counters", "table", "bridge", AP_TABLE).stdout)
     return {item["counter"]["name"]: item["counter"]["packets"] for item in out["nftables"] if "counter" in item}
