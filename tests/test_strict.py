@@ -3,7 +3,8 @@ not the station's MAC (the lab's chaddr_check knob, an nft rule on the BOOTP cha
 policies against it, with real clients (isc dhclient without a client identifier, dhcpcd with its own)
 and the lab's dnsmasq: keep fails there, rewrite and auto lease, several VMs at once, renewals,
 rebinds and NAKs reach the right VM; what a server that takes a VM for the host, or ignores option 61,
-does. The lease times measured are printed (pytest -s shows them)."""
+does; and what of the VMs' non-IP frames reaches the LAN. The lease times measured are printed (pytest -s
+shows them)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import json
 import re
 import time
 import pytest
+from scapy.all import Ether, Raw
+from scapy.layers.eap import EAPOL
+from scapy.layers.ppp import PPPoED
 
 from macnat import lab
 from macnat.lab import RunningManager, ping
+from nettest import capture, send_frames
 from test_attach import VM1, wait_for
 
 VM2 = lab.VMS["vm2"]
@@ -222,6 +227,82 @@ def test_a_server_that_ignores_option_61_gives_every_vm_one_lease(tmp_path):
         second = lab.dhcp("vm2")
         assert first and first == second
         assert len(lab.server_leases()) == 1
+    finally:
+        manager.stop()
+        lab.down()
+
+
+def test_vm_frames_of_other_ethertypes_never_reach_the_lan_but_one_vms_pppoe_does(tmp_path):
+    """What a LAN host sees of VMs' non-IP frames: nothing of their LLDP, EAPOL or IPX (dropped and
+    counted), one VM's PPPoE discovery as the station's, and nothing of a second VM's PPPoE while the
+    first one's is active. vmbr0 forwards LLDP and 802.1X groups here (group_fwd_mask 0x4008, as set for
+    VMs that run lldpd or an 802.1X supplicant): a default bridge keeps them itself."""
+    lab.up()
+    lab.LAPTOP.ns.ip("link", "set", lab.BRIDGE, "type", "bridge", "group_fwd_mask", "0x4008")
+    manager = attach(tmp_path, "keep")
+    vm1_frames = [
+        bytes(Ether(src=VM1.mac, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(bytes(46))),   # LLDP
+        bytes(Ether(src=VM1.mac, dst="01:80:c2:00:00:03") / EAPOL(version=2, type=1)),     # EAPOL-Start
+        bytes(Ether(src=VM1.mac, dst=lab.ROUTER.mac) / EAPOL(version=2, type=3)),          # EAPOL-Key
+        bytes(Ether(src=VM1.mac, dst="ff:ff:ff:ff:ff:ff", type=0x8137) / Raw(bytes(46))),   # IPX
+        bytes(Ether(src=VM1.mac, dst="ff:ff:ff:ff:ff:ff") / PPPoED(code=0x09)),             # PADI
+    ]
+    try:
+        with capture(lab.LANHOST.ns, lab.LANHOST.ifname, "not ip and not ip6 and not arp") as seen:
+            send_frames(VM1.ns, VM1.ifname, vm1_frames)
+            send_frames(VM2.ns, VM2.ifname, [bytes(Ether(src=VM2.mac, dst="ff:ff:ff:ff:ff:ff") / PPPoED(code=0x09))])
+        assert [(p.src, p.type) for p in seen] == [(lab.LAPTOP.mac, 0x8863)], [p.summary() for p in seen]
+        stats = json.loads(lab.macnat("stats", "--json").stdout)["wlan0"]
+        counted = ("drop_link_local", "drop_station_control", "drop_ethertype", "refused_pppoe")
+        assert {name: stats[name] for name in counted} == dict.fromkeys(counted, 1) | {"drop_link_local": 2}, stats
+        refused = f"refused: PPPoE from VM {VM2.mac} on {lab.VM_PORTS['vm2']}: another VM's PPPoE is active (one VM at a time)"
+        assert wait_for(lambda: refused in manager.text(), timeout=5), manager.text()
+    finally:
+        manager.stop()
+        lab.down()
+
+
+# What works, by access point behaviour and DHCP policy: README's table ("What your access point may
+# still do to you") is this one. Each cell: how many addresses vm1 and vm2, leasing one after the other,
+# got (2: one each; 1: the same one), whether vm1 reaches the gateway, whether a LAN host reaches vm1.
+AP_BEHAVIOURS = {
+    "plain": lab.Knobs(),
+    "chaddr-check": lab.Knobs(chaddr_check=True),
+    "server-ignores-option-61": lab.Knobs(server_ignores_client_id=True),
+    "ap-isolation": lab.Knobs(ap_isolation=True),
+    "arp-offload": lab.Knobs(arp_offload=True),
+    "mcast-to-ucast": lab.Knobs(mcast_to_ucast=True),
+}
+POLICIES = ("keep", "rewrite", "auto")
+WORKS = {  # (AP behaviour, policy) -> (addresses leased, vm1 -> gateway, LAN host -> vm1)
+    **{(ap, policy): (2, True, True) for ap in ("plain", "mcast-to-ucast") for policy in POLICIES},
+    ("chaddr-check", "keep"): (0, False, False),
+    ("chaddr-check", "rewrite"): (2, True, True),
+    ("chaddr-check", "auto"): (2, True, True),
+    # one client to the server under rewrite: vm2 is handed vm1's address, whose binding moves to vm2
+    ("server-ignores-option-61", "keep"): (2, True, True),
+    ("server-ignores-option-61", "rewrite"): (1, False, True),
+    ("server-ignores-option-61", "auto"): (2, True, True),
+    # isolation: the station talks to the router only, as any two stations do; ARP offload: the
+    # firmware keeps every ARP not for the host's own address from it, the gateway's answers to a VM too
+    **{("ap-isolation", policy): (2, True, False) for policy in POLICIES},
+    **{("arp-offload", policy): (2, False, False) for policy in POLICIES},
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("ap", list(AP_BEHAVIOURS))
+def test_what_works_by_access_point_and_dhcp_policy(ap, policy, tmp_path):
+    lab.up(AP_BEHAVIOURS[ap])
+    manager = attach(tmp_path, policy)
+    try:
+        (ip, seconds), (ip2, seconds2) = timed_lease("vm1", timeout=20), timed_lease("vm2", timeout=20)
+        outcome = (len({ip, ip2} - {None}), bool(ip) and ping(VM1.ns, lab.GATEWAY, timeout=1),
+                   bool(ip) and ping(lab.LANHOST.ns, ip, timeout=1))
+        leases = ", ".join(f"{vm} {f'{address} in {took:.1f} s' if address else 'none in 20 s'}"
+                           for vm, address, took in (("vm1", ip, seconds), ("vm2", ip2, seconds2)))
+        print(f"\n{ap} x dhcp = {policy}: {leases}; vm1 -> gateway {outcome[1]}, LAN host -> vm1 {outcome[2]}")
+        assert outcome == WORKS[ap, policy]
     finally:
         manager.stop()
         lab.down()
