@@ -71,8 +71,10 @@ def attach(
     static: Annotated[Optional[list[str]], typer.Option(help="A static binding IP=MAC (repeatable)")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Wait for WIFI and BRIDGE to appear if they do not exist yet")] = None,
     log_format: Annotated[Optional[str], typer.Option(help="text, or json: one object per line")] = None,
-    dhcp: Annotated[Optional[str], typer.Option(help="DHCPv4 policy: keep the VMs' chaddr, rewrite it to WIFI's MAC, "
-                                                     "or auto [default: keep]")] = None,
+    dhcp: Annotated[Optional[str], typer.Option(help="DHCPv4 policy: keep the VMs' chaddr; rewrite it to WIFI's MAC, "
+                                                     "the VMs told apart by their client identifier (for networks "
+                                                     "that check chaddr); or auto: keep until keep fails on a "
+                                                     "network [default: keep]")] = None,
     config_file: ConfigOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log probes")] = False,
 ) -> None:

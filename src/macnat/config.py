@@ -172,8 +172,9 @@ OPTIONS = (
            "'text' lines, or 'json': one object per line for log shippers"),
     Option("dhcp", "dhcp", _one_of(*DHCP_POLICIES),
            "DHCPv4: 'keep' each VM's MAC as chaddr; 'rewrite' it to the Wi-Fi MAC, telling the VMs apart by their "
-           "client identifier (option 61; for networks that check chaddr, and needs a server that honours option "
-           "61); 'auto': keep on each network until the VMs' requests go unanswered there, then rewrite"),
+           "client identifier (option 61; for networks that check chaddr; a server that ignores option 61 gives "
+           "every VM the same lease); 'auto': keep on each network until the VMs' requests go unanswered there "
+           "while the server answers this host, then rewrite"),
     Option("static", "statics", _statics, "addresses bound to a VM MAC for good: never aged or taken over",
            example={"192.168.1.50": "52:54:00:12:34:56"}),
     Option("network_change.action", "network_change", _one_of(*NETWORK_CHANGE_ACTIONS),
