@@ -217,6 +217,21 @@ def test_a_server_that_takes_a_vm_for_this_host_is_not_obeyed(strict_lab, tmp_pa
         manager.stop()
 
 
+@pytest.mark.parametrize("policy", ["keep", "auto"])
+def test_a_server_holding_this_hosts_lease_by_chaddr_still_leases_to_kept_vms(policy, tmp_path):
+    """The same server on a plain AP: with the VMs' own chaddr it has nothing to confuse, and auto,
+    answered, stays with keep."""
+    lab.up()
+    host_ip = host_lease_without_client_id()
+    manager = attach(tmp_path, policy)
+    try:
+        ip = lab.dhcp("vm1")
+        assert ip and ip != host_ip and ping(lab.LANHOST.ns, ip)
+    finally:
+        manager.stop()
+        lab.down()
+
+
 def test_a_server_that_ignores_option_61_gives_every_vm_one_lease(tmp_path):
     """dnsmasq --dhcp-ignore-clid, as servers that ignore option 61 behave: under rewrite every VM is one
     client to it (the station's chaddr), and both VMs are handed the same address."""
