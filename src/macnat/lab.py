@@ -389,7 +389,7 @@ def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = Non
             + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else "")
             + (f"supersede dhcp-rebinding-time {rebind_after};\n" if rebind_after else ""))
     if foreground:
-        _dhclient_argv(vm, "dhclient", ["-d"], conf, spawn=True)
+        VMS[vm].ns.spawn(*_dhclient_argv(vm, "dhclient", ["-d"], conf), log=STATE_DIR / f"dhclient-{vm}.log")
         deadline = time.monotonic() + timeout
         while not vm_ip(vm) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -397,16 +397,12 @@ def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = Non
     return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf, timeout) else None
 
 
-def _dhclient_argv(vm: str, kind: str, options: list[str], conf: str, spawn: bool = False) -> list[str]:
-    """isc dhclient's command line in the VM, its files named after `kind`; with `spawn`, started in the
-    background with its output appended to its log."""
+def _dhclient_argv(vm: str, kind: str, options: list[str], conf: str) -> list[str]:
+    """isc dhclient's command line for the VM (`conf` written to its file), its files named after `kind`."""
     conf_path = STATE_DIR / f"{kind}-{vm}.conf"
     conf_path.write_text(conf)
-    argv = ["dhclient", *options, "-v", "-cf", str(conf_path), "-sf", str(STATE_DIR / "dhclient-script"),
+    return ["dhclient", *options, "-v", "-cf", str(conf_path), "-sf", str(STATE_DIR / "dhclient-script"),
             "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"), "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), VMS[vm].ifname]
-    if spawn:
-        VMS[vm].ns.spawn(*argv, log=STATE_DIR / f"{kind}-{vm}.log")
-    return argv
 
 
 def _dhclient(vm: str, kind: str, options: list[str], conf: str, timeout: int = DHCP_TIMEOUT) -> bool:
