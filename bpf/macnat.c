@@ -47,6 +47,9 @@
 #define IP_FRAGMENT_MASK_BE bpf_htons(0x3fff)  /* MF flag and fragment offset */
 #define IPV6_FRAGMENT_OFFSET_MASK 0xfff8
 #define ETH_P_QINQ_OLD 0x9100                  /* pre-802.1ad QinQ, still in use */
+#define ETH_P_WAKE_ON_LAN 0x0842               /* magic packets (etherwake): one-way, the target's MAC inside */
+#define PPPOE_CODE_OFF (sizeof(struct ethhdr) + 1)  /* RFC 2516: version and type, code, session, length */
+#define PPPOE_PADT 0xa7
 #define NS_PER_S 1000000000ULL
 
 /* RFC 4861 neighbour discovery */
@@ -102,12 +105,20 @@ struct bootp_head {
     unsigned char chaddr[16];
 } __attribute__((packed));
 
-#define BOOTP_OPTIONS_OFF 240   /* 236 bytes of fixed fields, then the 4-byte magic cookie */
+#define BOOTP_COOKIE_OFF 236    /* 236 bytes of fixed fields, then the 4-byte magic cookie (RFC 2131) */
+#define BOOTP_OPTIONS_OFF 240
+#define DHCP_MAGIC_COOKIE_BE bpf_htonl(0x63825363)
 #define DHCP_OPT_PAD 0
 #define DHCP_OPT_END 255
 #define DHCP_OPT_MESSAGE_TYPE 53
+#define DHCP_OPT_CLIENT_ID 61
+#define DHCP_OFFER 2
 #define DHCP_ACK 5
-#define DHCP_MAX_OPTIONS_SCANNED 16
+#define DHCP_CLIENT_ID_TYPE_ETHERNET 1      /* RFC 2132 9.14: a hardware type, then the address */
+#define DHCP_CLIENT_ID_OPTION_LEN 9         /* code, length 7, type, MAC */
+#define DHCP_MAX_REWRITTEN_IP_LEN 1500      /* a client identifier is added only within an Ethernet MTU */
+/* Options read per message: dhcpcd's DISCOVER has about 12; PAD counts as one. */
+#define DHCP_MAX_OPTIONS_SCANNED 64
 
 #define ETH_ARP_LEN (sizeof(struct ethhdr) + sizeof(struct arp_ipv4))
 #define ETH_IP_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr))
@@ -115,6 +126,8 @@ struct bootp_head {
 #define ARP_SHA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, sha))
 #define ARP_THA_OFF (sizeof(struct ethhdr) + offsetof(struct arp_ipv4, tha))
 #define BOOTP_FLAGS_OFF offsetof(struct bootp_head, flags)
+#define IPV4_TOT_LEN_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, tot_len))
+#define IPV4_CSUM_OFF (sizeof(struct ethhdr) + offsetof(struct iphdr, check))
 
 BPF_ARRAY(config, struct macnat_config, 1);
 BPF_PERCPU_ARRAY(counters, __u64, MACNAT_NUM_COUNTERS);
@@ -134,6 +147,7 @@ BPF_LPM_TRIE(onlink, struct onlink_key, struct onlink_prefix, MACNAT_MAX_ONLINK_
 BPF_HASH(dhcp_requests, __be32, struct dhcp_request, MACNAT_MAX_DHCP_REQUESTS);
 BPF_HASH(ports, __u32, struct port_state, MACNAT_MAX_PORTS);
 BPF_HASH(port_released, __u32, struct port_counts, MACNAT_MAX_PORTS);
+BPF_ARRAY(pppoe, struct pppoe_owner, 1);
 BPF_RINGBUF_OUTPUT(events, MACNAT_EVENT_RING_BYTES / PAGE_SIZE);
 
 static __always_inline void count(__u32 index)
@@ -519,21 +533,71 @@ static __always_inline int commit_binding(struct macnat_config *cfg, struct ip_a
 
 /* ---- DHCP ------------------------------------------------------------------------------------ */
 
-/* A VM's DHCP request (BOOTP op 1, Ethernet), as far as macnat rewrites and remembers it. */
+/* What a DHCP message's options say, as far as macnat reads them. */
+struct dhcp_options {
+    __u32 client_id_off;    /* option 61 (its code byte); 0 when absent */
+    __u32 end_off;          /* the END option; 0 when the walk did not reach one */
+    __u8 message;           /* option 53; 0 for BOOTP (no magic cookie, or no message type) */
+    __u8 client_id_len;
+};
+
+/* A DHCP request (BOOTP op 1, Ethernet) of a VM, or of the host, as far as macnat rewrites and remembers it. */
 struct dhcp_request_seen {
     __u32 udp_off;
+    __u32 udp_end;
     __be32 xid;
     struct mac_addr chaddr;
     __be16 flags;
+    __u8 rewrite;           /* dhcp = rewrite, and it can be: chaddr goes, a client identifier stays or is added */
+    struct dhcp_options options;
 };
 
-/* The DHCP request in a VM's unfragmented IPv4/UDP datagram at l4_off (UDP 68 -> 67 already seen);
- * 0 when it is one whose fixed fields lie within the UDP and IPv4 lengths, else -1. */
+/* Walk the options from off (after the magic cookie) to end as a receiver reads them: PAD skipped, END
+ * stops, an option running past `end` stops the walk without an END. Bounded, with one exit at the end of
+ * the loop (the verifier follows the rest of the program from few states). */
+static __always_inline void scan_dhcp_options(struct __sk_buff *skb, __u32 off, __u32 end, struct dhcp_options *o)
+{
+    int done = 0;
+    for (int i = 0; i < DHCP_MAX_OPTIONS_SCANNED; i++) {
+        __u8 option[2] = {};
+        if (done)
+            continue;
+        if (off >= end || bpf_skb_load_bytes(skb, off, option, 1)) {
+            done = 1;
+            continue;
+        }
+        if (option[0] == DHCP_OPT_PAD) {
+            off += 1;
+            continue;
+        }
+        if (option[0] == DHCP_OPT_END) {
+            o->end_off = off;
+            done = 1;
+            continue;
+        }
+        if (off + 2 > end || bpf_skb_load_bytes(skb, off, option, 2) || off + 2 + option[1] > end) {
+            done = 1;
+            continue;
+        }
+        if (option[0] == DHCP_OPT_MESSAGE_TYPE && option[1] == 1)
+            bpf_skb_load_bytes(skb, off + 2, &o->message, 1);
+        if (option[0] == DHCP_OPT_CLIENT_ID) {
+            o->client_id_off = off;
+            o->client_id_len = option[1];
+        }
+        off += 2 + option[1];
+    }
+}
+
+/* The BOOTP request in an unfragmented IPv4/UDP datagram at l4_off (UDP 68 -> 67 already seen); 0 when it
+ * is one whose fixed fields lie within the UDP and IPv4 lengths, else -1. A DHCP message's options are
+ * read too when `options` is set. */
 static __always_inline int parse_dhcp_request(struct __sk_buff *skb, __u32 l4_off, __u32 l3_end,
-                                              struct dhcp_request_seen *req)
+                                              struct dhcp_request_seen *req, int options)
 {
     struct udphdr udp;
     __u8 head[12];  /* op, htype, hlen, hops, xid, secs, flags */
+    __be32 cookie;
     if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)))
         return -1;
     __u32 end = l4_off + bpf_ntohs(udp.len);
@@ -545,44 +609,69 @@ static __always_inline int parse_dhcp_request(struct __sk_buff *skb, __u32 l4_of
     if (head[0] != 1 || head[1] != 1 || head[2] != 6)
         return -1;
     req->udp_off = l4_off;
+    req->udp_end = end;
     __builtin_memcpy(&req->xid, head + 4, 4);
     __builtin_memcpy(&req->flags, head + BOOTP_FLAGS_OFF, 2);
+    if (options && !bpf_skb_load_bytes(skb, bootp + BOOTP_COOKIE_OFF, &cookie, 4) && cookie == DHCP_MAGIC_COOKIE_BE)
+        scan_dhcp_options(skb, bootp + BOOTP_OPTIONS_OFF, end, &req->options);
     return 0;
 }
 
-/* Remember a VM's request, so that the server's DHCPACK binds the address to this VM at once. A
- * recent request of another VM with the same xid is not overwritten (a VM sees the others'
- * broadcasts, xids included), and each port has a limit of requests remembered. */
-static __always_inline void remember_dhcp_request(struct macnat_config *cfg, const struct dhcp_request_seen *req,
-                                                  const struct mac_addr *src, __u32 port, __u64 now)
+/* Whether a VM's DHCP message can leave with the Wi-Fi MAC as chaddr (dhcp = rewrite): only a DHCP
+ * message (BOOTP's only identity is chaddr) of a client that is the VM itself, which carries a client
+ * identifier or has room for one before its END option. Without one, the server would take the VM for
+ * this host. Room: nothing after the UDP datagram (no trailer to move), and within an Ethernet MTU. */
+static __always_inline int dhcp_rewritable(struct __sk_buff *skb, const struct dhcp_request_seen *req,
+                                           const struct mac_addr *src, __u32 l3_end)
+{
+    if (!req->options.message || !mac_eq(req->chaddr.addr, src->addr))
+        return 0;
+    if (req->options.client_id_off)
+        return 1;
+    return req->options.end_off && req->udp_end == l3_end && l3_end == skb->len &&
+           l3_end - sizeof(struct ethhdr) + DHCP_CLIENT_ID_OPTION_LEN <= DHCP_MAX_REWRITTEN_IP_LEN;
+}
+
+/* Remember a request by its xid, so that the server's answer finds its VM: 1 when it is remembered as
+ * this sender's, 0 when not. A recent request of another sender with the same xid is not overwritten (a VM
+ * sees the others' broadcasts and the host's, xids included), and each VM port has a limit of requests
+ * remembered; the host's (port 0) count for no port. */
+static __always_inline int remember_dhcp_request(struct macnat_config *cfg, const struct dhcp_request_seen *req,
+                                                 const struct mac_addr *src, __u32 port, __u64 now, __u8 flags)
 {
     if (!mac_eq(req->chaddr.addr, src->addr))
-        return;  /* a relay or a client with another identity: its ACK is not this VM's to bind */
+        return 0;  /* a relay or a client with another identity: its ACK is not this VM's to bind */
     struct dhcp_request *known = dhcp_requests.lookup((__be32 *)&req->xid);
     if (known && mac_eq(known->mac, src->addr) && known->port == port) {
         touch(&known->time_ns, now);  /* a retransmission, or the REQUEST after the DISCOVER */
-        return;
+        known->requests += 1;
+        known->flags = flags;
+        known->message = req->options.message;
+        return 1;
     }
     if (known && !mac_eq(known->mac, src->addr) && now - known->time_ns < MACNAT_DHCP_REQUEST_TTL_NS) {
         count(MACNAT_CNT_DHCP_UNTRACKED);
-        return;
+        return 0;
     }
-    struct port_state *state = port_state(port);
-    if (!state)
-        return;
+    struct port_state *state = NULL;
     int fresh_for_port = !known || known->port != port;
-    if (fresh_for_port && !port_has_room(cfg, state, port, MACNAT_PORT_DHCP_REQUESTS)) {
-        count(MACNAT_CNT_DHCP_UNTRACKED);
-        return;
+    if (port) {
+        state = port_state(port);
+        if (!state || (fresh_for_port && !port_has_room(cfg, state, port, MACNAT_PORT_DHCP_REQUESTS))) {
+            count(MACNAT_CNT_DHCP_UNTRACKED);
+            return 0;
+        }
     }
-    struct dhcp_request entry = { .port = port, .time_ns = now };
+    struct dhcp_request entry = { .flags = flags, .message = req->options.message, .port = port, .requests = 1,
+                                  .first_ns = now, .time_ns = now };
     __builtin_memcpy(entry.mac, src->addr, 6);
     if (dhcp_requests.update((__be32 *)&req->xid, &entry)) {
         count(MACNAT_CNT_DHCP_UNTRACKED);
-        return;
+        return 0;
     }
-    if (fresh_for_port)
+    if (state && fresh_for_port)
         port_learned(state, MACNAT_PORT_DHCP_REQUESTS);
+    return 1;
 }
 
 /* A VM's DHCP request gets the BOOTP broadcast flag, so the server's answer is a broadcast that
@@ -599,6 +688,65 @@ static __always_inline void set_dhcp_broadcast(struct __sk_buff *skb, const stru
                         BPF_F_MARK_MANGLED_0 | sizeof(with_broadcast));
     bpf_skb_store_bytes(skb, flags_off, &with_broadcast, sizeof(with_broadcast), 0);
     count(MACNAT_CNT_DHCP_FLAG_SET);
+}
+
+/* Write `len` bytes (at most 10) at off inside the UDP datagram whose checksum is at csum_off, with the
+ * checksum updated by the difference. The difference is taken over a 12-byte window starting at an even
+ * offset, as the checksum's 16-bit words do (the UDP header lies at an even offset): an odd `off` gets a
+ * leading zero byte. Zero checksums stay zero; CHECKSUM_PARTIAL needs nothing for payload bytes. */
+static __always_inline void store_udp_bytes(struct __sk_buff *skb, __u32 off, const unsigned char *bytes, __u32 len,
+                                            __u32 csum_off)
+{
+    __u8 old[12] = {}, new[12] = {};
+    if (off & 1) {
+        if (bpf_skb_load_bytes(skb, off, old + 1, len))
+            return;
+        __builtin_memcpy(new + 1, bytes, len);
+    } else {
+        if (bpf_skb_load_bytes(skb, off, old, len))
+            return;
+        __builtin_memcpy(new, bytes, len);
+    }
+    __s64 diff = bpf_csum_diff((__be32 *)old, sizeof(old), (__be32 *)new, sizeof(new), 0);
+    bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_MARK_MANGLED_0);
+    bpf_skb_store_bytes(skb, off, (void *)bytes, len, 0);
+}
+
+/* dhcp = rewrite: the message leaves with the Wi-Fi MAC as chaddr, which a network that checks chaddr
+ * against the frame's source (DHCP snooping, hostapd's proxy ARP) wants. The VM is still told apart by
+ * its client identifier (option 61): its own, or one added from its MAC (type 1, RFC 2132), inserted
+ * before END; the datagram grows by 9 bytes, and the IPv4 total length, UDP length and both checksums
+ * follow (the pseudo-header's length too, which is all a CHECKSUM_PARTIAL skb has). 0 when done; -1 when
+ * the frame could not grow, and nothing was changed. */
+static __always_inline int rewrite_dhcp_request(struct __sk_buff *skb, struct macnat_config *cfg,
+                                                const struct dhcp_request_seen *req, const struct mac_addr *src)
+{
+    __u32 csum_off = req->udp_off + offsetof(struct udphdr, check);
+    if (!req->options.client_id_off) {
+        __u8 zeros[DHCP_CLIENT_ID_OPTION_LEN] = {};
+        __u32 old_len = skb->len;
+        if (bpf_skb_change_tail(skb, old_len + DHCP_CLIENT_ID_OPTION_LEN, 0))
+            return -1;
+        bpf_skb_store_bytes(skb, old_len, zeros, sizeof(zeros), 0);  /* the padding after END, as it was */
+        unsigned char option[DHCP_CLIENT_ID_OPTION_LEN + 1] = { DHCP_OPT_CLIENT_ID, 7, DHCP_CLIENT_ID_TYPE_ETHERNET };
+        __builtin_memcpy(option + 3, src->addr, 6);
+        option[DHCP_CLIENT_ID_OPTION_LEN] = DHCP_OPT_END;
+        store_udp_bytes(skb, req->options.end_off, option, sizeof(option), csum_off);
+        __be16 old_udp_len = bpf_htons(req->udp_end - req->udp_off);
+        __be16 new_udp_len = bpf_htons(req->udp_end - req->udp_off + DHCP_CLIENT_ID_OPTION_LEN);
+        bpf_l4_csum_replace(skb, csum_off, old_udp_len, new_udp_len, BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR | 2);
+        bpf_l4_csum_replace(skb, csum_off, old_udp_len, new_udp_len, BPF_F_MARK_MANGLED_0 | 2);
+        bpf_skb_store_bytes(skb, req->udp_off + offsetof(struct udphdr, len), &new_udp_len, 2, 0);
+        __be16 old_ip_len = bpf_htons(old_len - sizeof(struct ethhdr));
+        __be16 new_ip_len = bpf_htons(old_len - sizeof(struct ethhdr) + DHCP_CLIENT_ID_OPTION_LEN);
+        bpf_l3_csum_replace(skb, IPV4_CSUM_OFF, old_ip_len, new_ip_len, 2);
+        bpf_skb_store_bytes(skb, IPV4_TOT_LEN_OFF, &new_ip_len, 2, 0);
+        count(MACNAT_CNT_DHCP_CLIENT_ID_ADDED);
+    }
+    store_udp_bytes(skb, req->udp_off + sizeof(struct udphdr) + offsetof(struct bootp_head, chaddr), cfg->wifi_mac, 6,
+                    csum_off);
+    count(MACNAT_CNT_DHCP_REWRITTEN);
+    return 0;
 }
 
 /* Bind (or move) a leased address to the VM whose own request the DHCPACK answers: the server is the
@@ -646,56 +794,74 @@ static __always_inline void bind_from_dhcp(struct macnat_config *cfg, struct ip_
     emit(cfg, kind, port, mac->addr, known ? owner : NULL, ip, now);
 }
 
-/* A server's DHCPACK answering a VM's own recent request (xid and chaddr) binds the leased address at
- * once: the VM is reachable from the LAN before it has sent anything from it. Any other DHCPACK (a
- * forged one from a LAN host above all) binds nothing. Only what lies within the UDP and IPv4 lengths
- * is read. */
-static __always_inline void learn_from_dhcp_ack(struct __sk_buff *skb, struct macnat_config *cfg,
-                                                const struct mac_addr *src, __u32 l4_off, __u32 l3_end)
+#define DHCP_NOT_A_VMS 0    /* dhcp_reply(): the frame goes its way */
+#define DHCP_FOR_VM 1       /* ... it answers a VM's request: *vm is the VM */
+#define DHCP_DROP -1        /* ... it must not reach the VM */
+
+/* A server's reply (OFFER, ACK or NAK; UDP 67 -> 68 at l4_off, broadcast or unicast to the station) to
+ * a recent request of a VM: same xid, and the VM's own chaddr or, for a request that left rewritten, the
+ * Wi-Fi's. Such a reply counts as an answer (dhcp = auto reads it), gets the VM's chaddr back (and loses
+ * the client identifier macnat added, echoed by the server as RFC 6842 wants, which the VM never sent),
+ * and a DHCPACK binds its address to the VM at once. A rewritten request's offer or ACK of this host's own
+ * address is dropped: the server took the VM for this host. Any other DHCPACK (a forged one from a LAN host
+ * above all) binds nothing. Only what lies within the UDP and IPv4 lengths is read. */
+static __always_inline int dhcp_reply(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *src,
+                                      __u32 l4_off, __u32 l3_end, struct mac_addr *vm)
 {
     struct udphdr udp;
     struct bootp_head head;
+    __be32 cookie;
 
     if (bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) ||
         udp.source != DHCP_SERVER_PORT_BE || udp.dest != DHCP_CLIENT_PORT_BE)
-        return;
+        return DHCP_NOT_A_VMS;
     __u32 end = l4_off + bpf_ntohs(udp.len);
     __u32 bootp = l4_off + sizeof(udp);
     if (end > l3_end || end < bootp + BOOTP_OPTIONS_OFF ||
         bpf_skb_load_bytes(skb, bootp, &head, sizeof(head)) || head.op != 2 || head.htype != 1 || head.hlen != 6)
-        return;
+        return DHCP_NOT_A_VMS;
+    struct dhcp_options options = {};
+    if (!bpf_skb_load_bytes(skb, bootp + BOOTP_COOKIE_OFF, &cookie, 4) && cookie == DHCP_MAGIC_COOKIE_BE)
+        scan_dhcp_options(skb, bootp + BOOTP_OPTIONS_OFF, end, &options);
 
-    __u32 off = bootp + BOOTP_OPTIONS_OFF;
-    for (int i = 0; i < DHCP_MAX_OPTIONS_SCANNED; i++) {
-        __u8 option[3];
-        if (off >= end || bpf_skb_load_bytes(skb, off, option, 1))
-            return;
-        if (option[0] == DHCP_OPT_PAD) {
-            off += 1;
-            continue;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct mac_addr client;
+    struct ip_addr yiaddr;
+    __builtin_memcpy(client.addr, head.chaddr, 6);
+    ipv4_mapped(&yiaddr, head.yiaddr);
+    struct dhcp_request *req = dhcp_requests.lookup(&head.xid);
+    int recent = req && now - req->time_ns < MACNAT_DHCP_REQUEST_TTL_NS;
+    int own = recent && mac_eq(req->mac, client.addr);
+    int rewritten = recent && !own && (req->flags & MACNAT_DHCP_REWRITTEN) && mac_eq(client.addr, cfg->wifi_mac);
+    if (!own && !rewritten) {
+        if (options.message == DHCP_ACK) {
+            count(MACNAT_CNT_DHCP_ACK_UNMATCHED);
+            emit(cfg, MACNAT_CNT_DHCP_ACK_UNMATCHED, 0, src->addr, client.addr, &yiaddr, now);
         }
-        if (option[0] == DHCP_OPT_END || off + 3 > end || bpf_skb_load_bytes(skb, off, option, 3))
-            return;
-        if (option[0] == DHCP_OPT_MESSAGE_TYPE) {
-            if (option[1] != 1 || option[2] != DHCP_ACK)
-                return;
-            __u64 now = bpf_ktime_get_coarse_ns();
-            struct mac_addr client;
-            struct ip_addr yiaddr;
-            __builtin_memcpy(client.addr, head.chaddr, 6);
-            ipv4_mapped(&yiaddr, head.yiaddr);
-            struct dhcp_request *req = dhcp_requests.lookup(&head.xid);
-            if (!req || !mac_eq(req->mac, client.addr) || now - req->time_ns >= MACNAT_DHCP_REQUEST_TTL_NS) {
-                count(MACNAT_CNT_DHCP_ACK_UNMATCHED);
-                emit(cfg, MACNAT_CNT_DHCP_ACK_UNMATCHED, 0, src->addr, client.addr, &yiaddr, now);
-                return;
-            }
-            if (head.yiaddr)
-                bind_from_dhcp(cfg, &yiaddr, &client, req->port, now);
-            return;
-        }
-        off += 2 + option[1];
+        return DHCP_NOT_A_VMS;
     }
+    req->replies += 1;
+    if (!req->port)
+        return DHCP_NOT_A_VMS;  /* the host's own */
+    __builtin_memcpy(vm->addr, req->mac, 6);
+    __u32 port = req->port;
+    if (rewritten) {
+        if ((options.message == DHCP_OFFER || options.message == DHCP_ACK) && host_addrs.lookup(&yiaddr)) {
+            count(MACNAT_CNT_DROP_DHCP_HOST_ADDRESS);
+            return DHCP_DROP;
+        }
+        __u32 csum_off = l4_off + offsetof(struct udphdr, check);
+        store_udp_bytes(skb, bootp + offsetof(struct bootp_head, chaddr), vm->addr, 6, csum_off);
+        if ((req->flags & MACNAT_DHCP_CLIENT_ID_ADDED) && options.client_id_off &&
+            options.client_id_len == DHCP_CLIENT_ID_OPTION_LEN - 2) {
+            __u8 pads[DHCP_CLIENT_ID_OPTION_LEN] = {};  /* PAD options */
+            store_udp_bytes(skb, options.client_id_off, pads, sizeof(pads), csum_off);
+        }
+        count(MACNAT_CNT_DHCP_REPLY_RESTORED);
+    }
+    if (options.message == DHCP_ACK && head.yiaddr)
+        bind_from_dhcp(cfg, &yiaddr, vm, port, now);
+    return DHCP_FOR_VM;
 }
 
 /* Offset of the UDP header of an unfragmented IPv4/UDP frame, or 0; *l3_end the end of the datagram. */
@@ -707,6 +873,23 @@ static __always_inline __u32 ipv4_udp_offset(struct __sk_buff *skb, __u32 *l3_en
         return 0;
     *l3_end = sizeof(struct ethhdr) + bpf_ntohs(iph.tot_len);
     return sizeof(struct ethhdr) + iph.ihl * 4;
+}
+
+/* The host's own broadcast DHCP request (chaddr the Wi-Fi's), remembered as the host's (port 0): the VMs
+ * see it, and one that copied its xid is not remembered, so that its rewritten request never takes the
+ * host's answers; the host's answered requests also show dhcp = auto that the server answers the station. */
+static __always_inline void note_host_dhcp_request(struct __sk_buff *skb, struct macnat_config *cfg)
+{
+    __u32 l3_end = 0;
+    __u32 l4_off = ipv4_udp_offset(skb, &l3_end);
+    struct udphdr udp;
+    struct dhcp_request_seen req = {};
+    struct mac_addr wifi;
+    if (!l4_off || bpf_skb_load_bytes(skb, l4_off, &udp, sizeof(udp)) || udp.dest != DHCP_SERVER_PORT_BE ||
+        udp.source != DHCP_CLIENT_PORT_BE || parse_dhcp_request(skb, l4_off, l3_end, &req, 0))
+        return;
+    __builtin_memcpy(wifi.addr, cfg->wifi_mac, 6);
+    remember_dhcp_request(cfg, &req, &wifi, 0, bpf_ktime_get_coarse_ns(), 0);
 }
 
 /* ---- neighbour discovery --------------------------------------------------------------------- */
@@ -823,6 +1006,71 @@ static __always_inline void rewrite_ndp_options(struct __sk_buff *skb, struct ma
     }
 }
 
+/* ---- other EtherTypes, PPPoE ------------------------------------------------------------- */
+
+/* Whether a VM frame of this EtherType may go out as the station's: 0 for IPv4, ARP and IPv6 (translated
+ * whole), PPPoE (one VM at a time: its server answers the station's MAC, with nothing in the frame that
+ * names a VM) and Wake-on-LAN (one-way); else the counter of the drop. A VM's LLDP, STP or LACP describes
+ * its link, which ends at the bridge (which forwards no 01:80:c2:00:00:0x); EAPOL, RSN pre-authentication
+ * and 802.11 encapsulation (TDLS, fast transition) sent as the station's would be taken by the AP for the
+ * station's own; anything else (IPX, AppleTalk, AoE, ...) gets its answers at the station's MAC, which
+ * nothing maps back to a VM (IPX even names the VM's MAC as its node address). */
+static __always_inline int classify_ethertype(__be16 proto, const struct mac_addr *dst)
+{
+    if (proto == bpf_htons(ETH_P_IP) || proto == bpf_htons(ETH_P_IPV6) || proto == bpf_htons(ETH_P_ARP))
+        return 0;
+    const unsigned char *d = dst->addr;
+    if ((d[0] == 0x01 && d[1] == 0x80 && d[2] == 0xc2 && !d[3] && !d[4] && !(d[5] & 0xf0)) ||
+        proto == bpf_htons(ETH_P_LLDP))
+        return MACNAT_CNT_DROP_LINK_LOCAL;
+    if (proto == bpf_htons(ETH_P_PPP_DISC) || proto == bpf_htons(ETH_P_PPP_SES) || proto == bpf_htons(ETH_P_WAKE_ON_LAN))
+        return 0;
+    if (proto == bpf_htons(ETH_P_PAE) || proto == bpf_htons(ETH_P_PREAUTH) || proto == bpf_htons(ETH_P_TDLS))
+        return MACNAT_CNT_DROP_STATION_CONTROL;
+    return MACNAT_CNT_DROP_ETHERTYPE;
+}
+
+/* pppoe[0] when the VM `src` on `port` may do PPPoE now: nobody does, it does, or the VM that did has been
+ * silent for MACNAT_PPPOE_IDLE_NS; else NULL. It only reads. */
+static __always_inline struct pppoe_owner *pppoe_owner_for(const struct mac_addr *src, __u32 port, __u64 now)
+{
+    int zero = 0;
+    struct pppoe_owner *owner = pppoe.lookup(&zero);
+    if (!owner)
+        return NULL;
+    if (is_zero(owner->mac) || (mac_eq(owner->mac, src->addr) && owner->port == port) ||
+        now - owner->last_ns >= MACNAT_PPPOE_IDLE_NS)
+        return owner;
+    return NULL;
+}
+
+/* A PADT (PPPoE Active Discovery Terminate): the session is over. */
+static __always_inline int pppoe_terminates(struct __sk_buff *skb)
+{
+    __u8 code;
+    return skb->protocol == bpf_htons(ETH_P_PPP_DISC) && !bpf_skb_load_bytes(skb, PPPOE_CODE_OFF, &code, 1) &&
+           code == PPPOE_PADT;
+}
+
+static __always_inline void release_pppoe(struct pppoe_owner *owner)
+{
+    __builtin_memset(owner->mac, 0, 6);
+    owner->port = 0;
+}
+
+/* The VM's PPPoE frame, vetted: PPPoE is the VM's from now on, until its PADT or its silence. */
+static __always_inline void hold_pppoe(struct __sk_buff *skb, struct pppoe_owner *owner, const struct mac_addr *src,
+                                       __u32 port, __u64 now)
+{
+    if (pppoe_terminates(skb)) {
+        release_pppoe(owner);
+        return;
+    }
+    __builtin_memcpy(owner->mac, src->addr, 6);
+    owner->port = port;
+    touch(&owner->last_ns, now);
+}
+
 /* ---- VM -> Wi-Fi ----------------------------------------------------------------------------- */
 
 /* What the parse of a VM frame found, for the learning and rewriting that follow. */
@@ -873,7 +1121,11 @@ static __always_inline int parse_vm_frame(struct __sk_buff *skb, struct macnat_c
             struct udphdr *udp = (void *)iph + iph->ihl * 4;
             if ((void *)(udp + 1) <= (void *)(long)skb->data_end && udp->dest == DHCP_SERVER_PORT_BE &&
                 udp->source == DHCP_CLIENT_PORT_BE)
-                f->is_dhcp = parse_dhcp_request(skb, l4_off, f->l3_end, &f->dhcp) == 0;
+                if (parse_dhcp_request(skb, l4_off, f->l3_end, &f->dhcp, 1) == 0) {
+                    f->is_dhcp = 1;
+                    f->dhcp.rewrite = (cfg->flags & MACNAT_CFG_DHCP_REWRITE) &&
+                                      dhcp_rewritable(skb, &f->dhcp, src, f->l3_end);
+                }
         }
         return 0;
     }
@@ -1005,12 +1257,21 @@ int uplink_egress(struct __sk_buff *skb)
      * with the VM's MAC in it untranslated. Nothing a VM needs on the LAN travels this way. */
     if (bpf_ntohs(proto) < ETH_P_802_3_MIN)
         return drop(MACNAT_CNT_DROP_LLC);
+    int verdict = classify_ethertype(proto, &dst);
+    if (verdict)
+        return drop(verdict);
+    int pppoe = proto == bpf_htons(ETH_P_PPP_DISC) || proto == bpf_htons(ETH_P_PPP_SES);
 
     struct vm_frame f = {};
     if (parse_vm_frame(skb, cfg, proto, &src, &f))
         return drop(MACNAT_CNT_DROP_MALFORMED);
 
     __u64 now = bpf_ktime_get_coarse_ns();
+    struct pppoe_owner *pppoe_owner = pppoe ? pppoe_owner_for(&src, port, now) : NULL;
+    if (pppoe && !pppoe_owner) {
+        refuse(cfg, MACNAT_CNT_REFUSED_PPPOE, port, &src, NULL, NULL, now);
+        return TC_ACT_SHOT;
+    }
     struct binding *known = f.learn ? bindings.lookup(&f.ip) : NULL;
     if (known && mac_eq(known->mac, src.addr) && known->port == port) {
         /* The fast path: a binding implies its MAC is in vm_macs on this port (learned first, never
@@ -1021,8 +1282,14 @@ int uplink_egress(struct __sk_buff *skb)
     } else if (learn_vm_frame(cfg, &f, &src, port, known, now, skb->len)) {
         return TC_ACT_SHOT;
     }
-    if (f.is_dhcp)
-        remember_dhcp_request(cfg, &f.dhcp, &src, port, now);
+    int dhcp_tracked = 0;
+    if (f.is_dhcp) {
+        __u8 flags = f.dhcp.rewrite ? MACNAT_DHCP_REWRITTEN |
+                                      (f.dhcp.options.client_id_off ? 0 : MACNAT_DHCP_CLIENT_ID_ADDED) : 0;
+        dhcp_tracked = remember_dhcp_request(cfg, &f.dhcp, &src, port, now, flags);
+    }
+    if (pppoe)
+        hold_pppoe(skb, pppoe_owner, &src, port, now);
 
     if (mac_eq(dst.addr, cfg->wifi_mac)) {
         count(MACNAT_CNT_VM_TO_HOST);
@@ -1038,8 +1305,13 @@ int uplink_egress(struct __sk_buff *skb)
         bpf_skb_store_bytes(skb, ARP_SHA_OFF, cfg->wifi_mac, 6, 0);
     if (f.rewrite_tha)
         bpf_skb_store_bytes(skb, ARP_THA_OFF, cfg->wifi_mac, 6, 0);
-    if (f.is_dhcp)
+    if (f.is_dhcp) {
         set_dhcp_broadcast(skb, &f.dhcp);
+        /* An xid not remembered leaves as it came: its answer would have no VM to go back to. */
+        if ((cfg->flags & MACNAT_CFG_DHCP_REWRITE) &&
+            !(f.dhcp.rewrite && dhcp_tracked && rewrite_dhcp_request(skb, cfg, &f.dhcp, &src) == 0))
+            count(MACNAT_CNT_DHCP_NOT_REWRITTEN);
+    }
     /* The helpers above may have moved the data: find the header again, then write in place. */
     eth = (void *)(long)skb->data;
     if ((void *)(eth + 1) > (void *)(long)skb->data_end)
@@ -1150,17 +1422,8 @@ static __always_inline void watch_lan(struct __sk_buff *skb, struct macnat_confi
  * group frame, handed to the host by uplink_egress, already reached the other VMs. On the way, a
  * DHCPACK answering a VM's request (broadcast, thanks to the flag uplink_egress set) binds its
  * address. */
-static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg,
-                                           const struct mac_addr *src)
+static __always_inline int to_vms_and_host(struct __sk_buff *skb, struct macnat_config *cfg)
 {
-    if (vm_macs.lookup((struct mac_addr *)src))
-        return TC_ACT_OK;
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        __u32 l3_end = 0;
-        __u32 l4_off = ipv4_udp_offset(skb, &l3_end);
-        if (l4_off)
-            learn_from_dhcp_ack(skb, cfg, src, l4_off, l3_end);
-    }
     bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
     count(MACNAT_CNT_GROUP_TO_VMS);
     return TC_ACT_OK;
@@ -1174,10 +1437,15 @@ static __always_inline int to_vm(struct __sk_buff *skb, struct macnat_config *cf
     return bpf_redirect(cfg->bridge_ifindex, 0);
 }
 
-static __always_inline void restore_group(struct ethhdr *eth, const unsigned char *group)
+/* A unicast frame for a VM that no address binding names (a DHCP reply, PPPoE): to `vm`'s MAC. */
+static __always_inline int to_vm_by_mac(struct __sk_buff *skb, struct macnat_config *cfg, const struct mac_addr *vm)
 {
-    __builtin_memcpy(eth->h_dest, group, 6);
-    count(MACNAT_CNT_GROUP_RESTORED);
+    struct ethhdr *eth;
+    if (!l3_header(skb, sizeof(struct ethhdr), &eth))
+        return TC_ACT_OK;
+    __builtin_memcpy(eth->h_dest, vm->addr, 6);
+    count(MACNAT_CNT_WIFI_TO_VM);
+    return bpf_redirect(cfg->bridge_ifindex, 0);
 }
 
 static __always_inline int to_host(void)
@@ -1186,11 +1454,60 @@ static __always_inline int to_host(void)
     return TC_ACT_OK;
 }
 
-#define GROUP_RESTORED -1  /* wifi_unicast(): the frame was a group frame an AP sent as unicast */
+/* Unicast to the station for the address `dst`: to the VM it is bound to, or to the host. */
+static __always_inline int to_bound_vm_or_host(struct __sk_buff *skb, struct macnat_config *cfg, struct ethhdr *eth,
+                                               struct ip_addr *dst)
+{
+    struct binding *vm = bindings.lookup(dst);
+    if (vm) {
+        __builtin_memcpy(eth->h_dest, vm->mac, 6);
+        return to_vm(skb, cfg, vm);
+    }
+    return to_host();
+}
 
-/* A unicast frame from the AP to the station: to a VM (by its address binding) or to the host; or
- * GROUP_RESTORED for a group frame an AP turned into unicast, its group address restored. *watch is
- * set for ARP and ICMPv6, for watch_lan(). */
+/* PPPoE from the LAN to the station: the VM that does PPPoE has it (a PADT ends its turn), else the host. */
+static __always_inline int pppoe_to_vm(struct __sk_buff *skb, struct macnat_config *cfg)
+{
+    int zero = 0;
+    struct pppoe_owner *owner = pppoe.lookup(&zero);
+    if (!owner || is_zero(owner->mac))
+        return to_host();
+    struct mac_addr vm;
+    __builtin_memcpy(vm.addr, owner->mac, 6);
+    if (pppoe_terminates(skb))
+        release_pppoe(owner);
+    count(MACNAT_CNT_PPPOE_TO_VM);
+    return to_vm_by_mac(skb, cfg, &vm);
+}
+
+static __always_inline void restore_group(struct ethhdr *eth, const unsigned char *group)
+{
+    __builtin_memcpy(eth->h_dest, group, 6);
+    count(MACNAT_CNT_GROUP_RESTORED);
+}
+
+#define GROUP_RESTORED -1   /* wifi_unicast(): the frame was a group frame an AP sent as unicast */
+#define DHCP_TO_STATION -2  /* ... a DHCP reply (UDP 67 -> 68) to the station: dhcp_reply() says whose */
+
+/* Whether the UDP datagram after an IPv4 header of `ihl` words goes to the DHCP client port from the
+ * server port: read in place where the header is in the linear data (nearly always), else copied. */
+static __always_inline int udp_to_dhcp_client(struct __sk_buff *skb, __u32 ihl)
+{
+    __u32 l4_off = sizeof(struct ethhdr) + ihl * 4;
+    struct udphdr *udp = (void *)(long)skb->data + l4_off;
+    struct udphdr copy;
+    if ((void *)(udp + 1) > (void *)(long)skb->data_end) {
+        if (bpf_skb_load_bytes(skb, l4_off, &copy, sizeof(copy)))
+            return 0;
+        udp = &copy;
+    }
+    return udp->dest == DHCP_CLIENT_PORT_BE && udp->source == DHCP_SERVER_PORT_BE;
+}
+
+/* A unicast frame from the AP to the station: to a VM (by its address binding, or PPPoE's) or to the host;
+ * GROUP_RESTORED for a group frame an AP turned into unicast, its group address restored; DHCP_TO_STATION
+ * for a DHCP reply. *watch is set for ARP and ICMPv6, for watch_lan(). */
 static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_config *cfg, int *watch)
 {
     static const unsigned char broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
@@ -1232,6 +1549,8 @@ static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_con
             restore_group(eth, group);
             return GROUP_RESTORED;
         }
+        if (iph->protocol == IPPROTO_UDP && !(iph->frag_off & IP_FRAGMENT_MASK_BE) && udp_to_dhcp_client(skb, iph->ihl))
+            return DHCP_TO_STATION;
         ipv4_mapped(&dst, daddr);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6h = l3_header(skb, ETH_IP6_LEN, &eth);
@@ -1248,15 +1567,12 @@ static __always_inline int wifi_unicast(struct __sk_buff *skb, struct macnat_con
         if (ipv6_reserved(&dst))  /* ::ffff:a.b.c.d is an IPv4 key: IPv6 never goes by it */
             return to_host();
         *watch = ip6h->nexthdr == IPPROTO_ICMPV6;  /* NUD and other NDP to the station */
+    } else if (skb->protocol == bpf_htons(ETH_P_PPP_DISC) || skb->protocol == bpf_htons(ETH_P_PPP_SES)) {
+        return pppoe_to_vm(skb, cfg);
     } else {
         return to_host();
     }
-    struct binding *vm = bindings.lookup(&dst);
-    if (vm) {
-        __builtin_memcpy(eth->h_dest, vm->mac, 6);
-        return to_vm(skb, cfg, vm);
-    }
-    return to_host();
+    return to_bound_vm_or_host(skb, cfg, eth, &dst);
 }
 
 /* Frames from the access point. */
@@ -1280,9 +1596,32 @@ int wifi_ingress(struct __sk_buff *skb)
      * an ARP target MAC) is nothing they read; a redirect takes effect on return. */
     if (watch)
         watch_lan(skb, cfg, &src);
-    if (verdict != GROUP_RESTORED)
+    if (verdict != GROUP_RESTORED && verdict != DHCP_TO_STATION)
         return verdict;
-    return to_vms_and_host(skb, cfg, &src);
+    /* A VM's own frame, handed to the host by uplink_egress: a group frame of it already reached the VMs. */
+    if (vm_macs.lookup(&src))
+        return TC_ACT_OK;
+    struct mac_addr vm;
+    int answered = DHCP_NOT_A_VMS;
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        __u32 l3_end = 0;
+        __u32 l4_off = ipv4_udp_offset(skb, &l3_end);
+        if (l4_off)
+            answered = dhcp_reply(skb, cfg, &src, l4_off, l3_end, &vm);
+    }
+    if (answered == DHCP_DROP)
+        return TC_ACT_SHOT;
+    if (verdict == GROUP_RESTORED)
+        return to_vms_and_host(skb, cfg);
+    if (answered == DHCP_FOR_VM)
+        return to_vm_by_mac(skb, cfg, &vm);
+    struct ethhdr *unicast;
+    struct iphdr *iph = l3_header(skb, ETH_IP_LEN, &unicast);
+    if (!iph)
+        return TC_ACT_OK;
+    struct ip_addr dst;
+    ipv4_mapped(&dst, iph->daddr);
+    return to_bound_vm_or_host(skb, cfg, unicast, &dst);
 }
 
 /* The host's own frames on their way out: those for a VM go into the bridge instead. */
@@ -1300,6 +1639,8 @@ int wifi_egress(struct __sk_buff *skb)
     if (is_group(eth->h_dest)) {
         /* Only the host's own (no ingress interface): VM broadcasts already reached the VMs. */
         if (skb->ingress_ifindex == 0) {
+            if (skb->protocol == bpf_htons(ETH_P_IP))
+                note_host_dhcp_request(skb, cfg);
             bpf_clone_redirect(skb, cfg->bridge_ifindex, 0);
             count(MACNAT_CNT_GROUP_TO_VMS);
         }

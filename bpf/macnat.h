@@ -97,13 +97,28 @@ struct onlink_prefix {
 };
 
 /* dhcp_requests: recent DHCP requests of the VMs, by xid: a DHCPACK binds (or moves) an address at once
- * only when it answers one of them (same xid and chaddr); the VM's port tells where a reply belongs. */
+ * only when it answers one of them (same xid, and the VM's chaddr or, for a rewritten request, the
+ * Wi-Fi's); the VM's MAC and port tell where a reply belongs. The host's own broadcast requests are
+ * there too (port 0), so that no VM can take their xid; the manager reads the counts (dhcp = auto). */
 struct dhcp_request {
-    unsigned char mac[6];   /* the VM (the request's source MAC and chaddr) */
+    unsigned char mac[6];   /* the VM (the request's source MAC and its own chaddr); the Wi-Fi's for the host */
+    __u8 flags;             /* MACNAT_DHCP_*: how the latest request left */
+    __u8 message;           /* its DHCP message type (option 53); 0 for BOOTP */
+    __u32 port;             /* the VM's bridge port; 0 for the host's own request */
+    __u32 requests;         /* requests seen with this xid (retransmissions too) */
+    __u32 replies;          /* OFFER, ACK and NAK that answered them */
+    __u32 pad;
+    __u64 first_ns;
+    __u64 time_ns;          /* the latest request */
+};
+
+/* pppoe[0]: the one VM whose PPPoE the station carries (a PPPoE server answers the station's MAC, with
+ * nothing in the frame that says which VM it is for). */
+struct pppoe_owner {
+    unsigned char mac[6];   /* zero: nobody */
     __u16 pad;
     __u32 port;
-    __u32 pad2;
-    __u64 time_ns;
+    __u64 last_ns;          /* its last PPPoE frame: after MACNAT_PPPOE_IDLE_NS another VM may start */
 };
 
 /* Per-port accounting, without lost updates between the datapath and the manager: the datapath only

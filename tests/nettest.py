@@ -16,9 +16,11 @@ from macnat.netns import Namespace
 
 @contextmanager
 def capture(ns: Namespace, ifname: str, bpf_filter: str = "", tmp: Path = Path("/tmp")):
-    """Capture on one interface while the body runs; yields a list filled with scapy packets at exit."""
+    """Capture on one interface while the body runs; yields a list filled with scapy packets at exit.
+    tcpdump runs in immediate mode: otherwise libpcap hands over a frame only when its ring block is
+    full or its 1 s timeout passes, and a capture stopped sooner loses the last frames."""
     pcap = tmp / f"cap-{ns.name}-{ifname}-{time.monotonic_ns()}.pcap"
-    proc = ns.spawn("tcpdump", "-i", ifname, "-U", "-n", "-w", str(pcap), *bpf_filter.split())
+    proc = ns.spawn("tcpdump", "-i", ifname, "--immediate-mode", "-U", "-n", "-w", str(pcap), *bpf_filter.split())
     packets: list = []
     deadline = time.monotonic() + 5
     while not pcap.exists() or pcap.stat().st_size == 0:  # tcpdump writes the pcap header once listening

@@ -85,7 +85,7 @@ def test_pings_in_every_direction(attached):
     assert ping(VM2.ns, lab.LAPTOP.ip), "VM -> host"
     assert ping(VM1.ns, leases["vm2"]) and ping(VM2.ns, leases["vm1"]), "VM <-> VM"
     assert ping(VM1.ns, lab.ROUTER.ip), "VM -> gateway"
-    assert lab.ap_drops() == {"from_unassociated": 0, "to_unassociated": 0}
+    assert lab.ap_drops() == {"from_unassociated": 0, "to_unassociated": 0, "chaddr_mismatch": 0}
 
 
 def test_vm_to_vm_never_passes_through_the_translation(attached):

@@ -10,6 +10,8 @@ import socket
 
 import pytest
 from scapy.all import ARP, BOOTP, DHCP, ICMP, IP, UDP, Ether, Raw
+from scapy.layers.eap import EAPOL
+from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_Redirect,
                                 ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo,
                                 ICMPv6NDOptSrcLLAddr, IPv6)
@@ -524,3 +526,76 @@ def test_lan_solicitation_for_a_vm_notes_the_lan_mac(datapath):
     rc, _, moved = datapath.run("wifi_ingress", frame)
     assert rc == TC_ACT_OK and moved == {"group_to_vms": 1}
     assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None
+
+
+# ---- other EtherTypes (VM -> Wi-Fi), PPPoE both ways ------------------------------------------
+
+AP_MAC, PPPOE_SERVER_MAC = "02:4d:4e:00:00:01", "02:4d:4e:00:00:30"
+PPPOE_PADI, PPPOE_PADO, PPPOE_PADT = 0x09, 0x07, 0xA7
+
+
+@pytest.mark.parametrize("frame, counter", [
+    (Ether(src=VM_MAC, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(bytes(40)), "drop_link_local"),   # LLDP
+    (Ether(src=VM_MAC, dst=BROADCAST, type=0x88CC) / Raw(bytes(40)), "drop_link_local"),             # LLDP, any dst
+    (Ether(src=VM_MAC, dst="01:80:c2:00:00:02", type=0x8809) / Raw(bytes(40)), "drop_link_local"),   # LACP
+    (Ether(src=VM_MAC, dst="01:80:c2:00:00:03") / EAPOL(version=2, type=1), "drop_link_local"),      # EAPOL-Start
+    (Ether(src=VM_MAC, dst=AP_MAC) / EAPOL(version=2, type=3), "drop_station_control"),              # EAPOL-Key
+    (Ether(src=VM_MAC, dst=AP_MAC, type=0x88C7) / Raw(bytes(40)), "drop_station_control"),           # RSN pre-auth
+    (Ether(src=VM_MAC, dst=AP_MAC, type=0x890D) / Raw(bytes(40)), "drop_station_control"),           # TDLS, FT
+    (Ether(src=VM_MAC, dst=BROADCAST, type=0x8137) / Raw(bytes(40)), "drop_ethertype"),              # IPX
+    (Ether(src=VM_MAC, dst=BROADCAST, type=0x809B) / Raw(bytes(40)), "drop_ethertype"),              # AppleTalk
+    (Ether(src=VM_MAC, dst=BROADCAST, type=0x88A2) / Raw(bytes(40)), "drop_ethertype"),              # AoE
+], ids=["lldp", "lldp-broadcast", "lacp", "eapol-start", "eapol-key", "preauth", "tdls", "ipx", "appletalk", "aoe"])
+def test_vm_frames_that_cannot_be_the_stations_are_dropped_and_counted(datapath, frame, counter):
+    """A VM's LLDP, LACP or EAPOL-Start describes or claims its own link, which ends at the bridge; an
+    EAPOL-Key, pre-authentication or TDLS frame sent as the station's would be taken by the AP for the
+    station's own handshake; IPX, AppleTalk and AoE answers would come to the station's MAC with nothing
+    to tell which VM they are for. Each is dropped before anything is learned from it."""
+    rc, _, moved = datapath.run("uplink_egress", bytes(frame), TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_SHOT and moved == {counter: 1}
+    assert datapath.maps.vm_macs.lookup(MacAddr(mac_bytes(VM_MAC))) is None
+
+
+def test_wake_on_lan_from_a_vm_leaves_as_the_stations(datapath):
+    """A magic packet is one-way and names its target inside: it goes out with the Wi-Fi MAC as source."""
+    frame = bytes(Ether(src=VM_MAC, dst=BROADCAST, type=0x0842) / Raw(b"\xff" * 6 + bytes(mac_bytes(LAN_MAC)) * 16))
+    rc, out, moved = datapath.run("uplink_egress", frame, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved == {"vm_to_wifi": 1, "learned_mac": 1}
+    assert out == frame[:6] + bytes(mac_bytes(WIFI_MAC)) + frame[12:]
+
+
+def pppoe_discovery(src: str, dst: str, code: int, session: int = 0) -> bytes:
+    return bytes(Ether(src=src, dst=dst) / PPPoED(code=code, sessionid=session))
+
+
+def test_pppoe_is_one_vms_at_a_time_both_ways(datapath):
+    """A PPPoE server answers the station's MAC with nothing in the frame that names a VM: the first VM
+    to send PPPoE has it (its PADI leaves as the station's, the PADO and session frames come back to its
+    MAC), another VM's PPPoE is refused, and a PADT from the server ends the first VM's turn."""
+    padi = pppoe_discovery(VM_MAC, BROADCAST, PPPOE_PADI)
+    rc, out, moved = datapath.run("uplink_egress", padi, TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT and moved["vm_to_wifi"] == 1
+    assert out == padi[:6] + bytes(mac_bytes(WIFI_MAC)) + padi[12:]
+    rc, _, moved = datapath.run("uplink_egress", pppoe_discovery(VM2_MAC, BROADCAST, PPPOE_PADI), TAP_IFINDEX_OF_VM + 1)
+    assert rc == TC_ACT_SHOT and moved == {"refused_pppoe": 1}
+
+    for frame in (pppoe_discovery(PPPOE_SERVER_MAC, WIFI_MAC, PPPOE_PADO),
+                  bytes(Ether(src=PPPOE_SERVER_MAC, dst=WIFI_MAC) / PPPoE(sessionid=5) / PPP(proto=0xC021) / Raw(b"\x01\x01\x00\x04")),
+                  pppoe_discovery(PPPOE_SERVER_MAC, WIFI_MAC, PPPOE_PADT, session=5)):
+        rc, out, moved = datapath.run("wifi_ingress", frame)
+        assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1, "pppoe_to_vm": 1}
+        assert out == bytes(mac_bytes(VM_MAC)) + frame[6:]
+    # the PADT ended it: the server's next frame is the host's, and the other VM may start
+    frame = pppoe_discovery(PPPOE_SERVER_MAC, WIFI_MAC, PPPOE_PADO)
+    rc, out, moved = datapath.run("wifi_ingress", frame)
+    assert rc == TC_ACT_OK and moved == {"wifi_to_host": 1} and out == frame
+    rc, _, moved = datapath.run("uplink_egress", pppoe_discovery(VM2_MAC, BROADCAST, PPPOE_PADI), TAP_IFINDEX_OF_VM + 1)
+    assert rc == TC_ACT_REDIRECT and moved["vm_to_wifi"] == 1
+
+
+def test_a_vms_own_padt_ends_its_pppoe(datapath):
+    datapath.run("uplink_egress", pppoe_discovery(VM_MAC, BROADCAST, PPPOE_PADI), TAP_IFINDEX_OF_VM)
+    rc, _, _ = datapath.run("uplink_egress", pppoe_discovery(VM_MAC, PPPOE_SERVER_MAC, PPPOE_PADT, 5), TAP_IFINDEX_OF_VM)
+    assert rc == TC_ACT_REDIRECT
+    rc, _, moved = datapath.run("uplink_egress", pppoe_discovery(VM2_MAC, BROADCAST, PPPOE_PADI), TAP_IFINDEX_OF_VM + 1)
+    assert rc == TC_ACT_REDIRECT and "refused_pppoe" not in moved

@@ -91,6 +91,9 @@ class Attachment:
             "programs": self.programs, "complete": self.complete, "state": self.state,
             "manager_pid": (self.manager or {}).get("pid"),
             "network": (self.manager or {}).get("network"),
+            # the manager's view ("auto: rewrite since ..."); the datapath's flag when none runs
+            "dhcp": (self.manager or {}).get("dhcp")
+            or ("rewrite" if self.config.flags & constants.CFG_DHCP_REWRITE else "keep"),
         }
 
 

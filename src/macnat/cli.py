@@ -71,6 +71,10 @@ def attach(
     static: Annotated[Optional[list[str]], typer.Option(help="A static binding IP=MAC (repeatable)")] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait/--no-wait", help="Wait for WIFI and BRIDGE to appear if they do not exist yet")] = None,
     log_format: Annotated[Optional[str], typer.Option(help="text, or json: one object per line")] = None,
+    dhcp: Annotated[Optional[str], typer.Option(help="DHCPv4 policy: keep the VMs' chaddr; rewrite it to WIFI's MAC, "
+                                                     "the VMs told apart by their client identifier (for networks "
+                                                     "that check chaddr); or auto: keep until keep fails on a "
+                                                     "network [default: keep]")] = None,
     config_file: ConfigOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log probes")] = False,
 ) -> None:
@@ -85,7 +89,7 @@ def attach(
     from macnat import config, loader
 
     require_root()
-    cli = {"bridge": bridge, "age": age, "wait": wait, "log_format": log_format, "verbose": verbose or None}
+    cli = {"bridge": bridge, "age": age, "wait": wait, "log_format": log_format, "dhcp": dhcp, "verbose": verbose or None}
     if static:
         try:
             cli["statics"] = config.parse_static_entries(static)
@@ -323,7 +327,7 @@ def status(as_json: JsonOption = False) -> None:
         manager = f"manager pid {d['manager_pid']}" if d["manager_pid"] else "no manager (datapath runs unmanaged)"
         network = f" on {d['network']}" if d.get("network") else ""
         typer.echo(f"{d['wifi']} ({d['wifi_mac']}) <-> {d['bridge']} via {d['uplink']}: {d['state']}{network}; "
-                   f"programs {d['programs']}; {manager}")
+                   f"DHCP {d['dhcp']}; programs {d['programs']}; {manager}")
 
 
 @app.command()
@@ -409,6 +413,7 @@ def config_write(
 def lab_up(
     ap_filter: Annotated[bool, typer.Option(help="AP drops frames of unassociated MACs (off: a 4-address/WDS AP)")] = True,
     mcast_to_ucast: Annotated[bool, typer.Option(help="AP delivers broadcast/multicast as unicast to the station")] = False,
+    chaddr_check: Annotated[bool, typer.Option(help="AP drops DHCP whose chaddr is not the station's (DHCP snooping)")] = False,
     ipv6: Annotated[bool, typer.Option(help="The router also serves RA and DHCPv6")] = False,
     second_network: Annotated[bool, typer.Option(help="A second AP on 192.168.88.0/24 to roam to")] = False,
 ) -> None:
@@ -416,7 +421,8 @@ def lab_up(
     from macnat import lab
 
     require_root()
-    lab.up(lab.Knobs(ap_filter=ap_filter, mcast_to_ucast=mcast_to_ucast, ipv6=ipv6, second_network=second_network))
+    lab.up(lab.Knobs(ap_filter=ap_filter, mcast_to_ucast=mcast_to_ucast, ipv6=ipv6, second_network=second_network,
+                     chaddr_check=chaddr_check))
     typer.echo("lab is up: " + ", ".join(ns.name for ns in lab.namespaces()))
 
 

@@ -171,7 +171,10 @@ OPTIONS = (
     Option("log_format", "log_format", _one_of(*LOG_FORMATS),
            "'text' lines, or 'json': one object per line for log shippers"),
     Option("dhcp", "dhcp", _one_of(*DHCP_POLICIES),
-           "DHCPv4: 'keep' the VM's chaddr, 'rewrite' it to the Wi-Fi MAC, or 'auto'"),
+           "DHCPv4: 'keep' each VM's MAC as chaddr; 'rewrite' it to the Wi-Fi MAC, telling the VMs apart by their "
+           "client identifier (option 61; for networks that check chaddr; a server that ignores option 61 gives "
+           "every VM the same lease); 'auto': keep on each network until the VMs' requests go unanswered there "
+           "while the server answers this host, then rewrite"),
     Option("static", "statics", _statics, "addresses bound to a VM MAC for good: never aged or taken over",
            example={"192.168.1.50": "52:54:00:12:34:56"}),
     Option("network_change.action", "network_change", _one_of(*NETWORK_CHANGE_ACTIONS),
@@ -268,6 +271,19 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def read_command_line(cli: Mapping[str, Any]) -> dict[str, Any]:
+    """The command line's values, checked as the file's are (--static comes parsed already)."""
+    values = dict(cli)
+    for attr, value in cli.items():
+        option = BY_ATTR.get(attr)
+        if option is not None and attr != "statics":
+            try:
+                values[attr] = option.check(value)
+            except ValueError as exc:
+                raise ConfigError(f"command line: --{option.key.replace('_', '-')} {exc}") from None
+    return values
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Settings with where each value came from, and what is needed to resolve them again (reload)."""
@@ -286,7 +302,7 @@ def resolve(wifi: str, cli: Mapping[str, Any], path: Path | None = None,
     layers = (
         (str(path), read_file(path)),
         ("environment", read_environment(os.environ if environ is None else environ)),
-        ("command line", dict(cli)),
+        ("command line", read_command_line(cli)),
     )
     values: dict[str, Any] = {}
     sources = {f.name: "default" for f in dataclasses.fields(Settings)}

@@ -12,6 +12,15 @@ COUNTERS: dict[str, str] = {
     "group_to_vms": "broadcast/multicast from Wi-Fi or the host copied to the VMs",
     "group_restored": "group frames an AP delivered as unicast, restored to their group address",
     "dhcp_flag_set": "DHCP requests given the broadcast flag",
+    "dhcp_rewritten": "VM DHCP messages sent with the Wi-Fi MAC as chaddr (dhcp = rewrite), told apart by their client "
+                      "identifier",
+    "dhcp_client_id_added": "of those, messages without a client identifier that got one made of the VM's MAC "
+                            "(option 61, type 1)",
+    "dhcp_not_rewritten": "VM DHCP messages left with their own chaddr under dhcp = rewrite: BOOTP without DHCP options, "
+                          "no room for a client identifier (no END option, a trailer, too long), or an xid not "
+                          "remembered (the answer could not be given back)",
+    "dhcp_reply_restored": "DHCP replies (OFFER, ACK, NAK) to a rewritten message given back to their VM with its "
+                           "own chaddr",
     "ndp_rewritten": "NDP link-layer address options of a VM rewritten to the Wi-Fi MAC",
     "wifi_to_host": "Wi-Fi frames passed to the host untouched",
     "learned_mac": "new VM MACs learned (each on the bridge port it was first seen on)",
@@ -32,6 +41,11 @@ COUNTERS: dict[str, str] = {
     "refused_limit_ipv6": "VM frames dropped: their port is at its limit of IPv6 addresses (what it has stays)",
     "dhcp_untracked": "VM DHCP requests forwarded but not remembered (port at its limit, or the xid is another VM's)",
     "dhcp_ack_unmatched": "DHCPACKs from Wi-Fi that answer no recent request of that VM (xid, chaddr): nothing bound",
+    "drop_dhcp_host_address": "DHCP offers and ACKs for a VM's rewritten request that hand it this host's own address "
+                              "(a server that took the VM for this host: it ignores option 61, or matches this "
+                              "host's lease by chaddr), dropped",
+    "pppoe_to_vm": "PPPoE frames from Wi-Fi given to the VM that does PPPoE (one VM at a time)",
+    "refused_pppoe": "VM PPPoE frames dropped: another VM's PPPoE is active (one VM at a time)",
     "lan_ip_conflict": "LAN ARP/NDP using an address bound to a VM (the binding stays; the LAN's use is noted)",
     "drop_echo": "frames macnat injected into the bridge, flooded back to the uplink and dropped",
     "drop_vm_to_vm": "frames between VMs flooded to the uplink, dropped (the bridge delivers them)",
@@ -39,6 +53,12 @@ COUNTERS: dict[str, str] = {
                       "NDP that is fragmented or has bad options, lengths beyond the frame)",
     "drop_vlan": "VLAN-tagged VM frames dropped (802.1Q, QinQ, or a vlan-aware bridge's tag)",
     "drop_llc": "802.3/LLC VM frames dropped (an AP turns a SNAP payload into Ethernet II with the VM's MAC inside)",
+    "drop_link_local": "VM frames for the IEEE 802.1 link-local groups (01:80:c2:00:00:0x: STP, LACP, 802.1X) or LLDP "
+                       "dropped: they describe the VM's own link, which ends at the bridge",
+    "drop_station_control": "VM frames of a station's own control protocols dropped (EAPOL, RSN pre-authentication, "
+                            "802.11 TDLS/FT encapsulation): the AP would take them for the station's",
+    "drop_ethertype": "VM frames of other EtherTypes dropped (IPX, AppleTalk, AoE, ...): their replies would come to "
+                      "the station's MAC with nothing to tell which VM they are for",
     "drop_table_full": "VM frames dropped because a table is full",
     "events_suppressed": "events not sent to the manager: their port exceeded its event rate",
     "events_lost": "events lost: the ring buffer to the manager was full",
@@ -68,6 +88,9 @@ PORT_EVENTS_PER_SECOND = 20   # learning events, and as many others, a port may 
 PORT_COUNTS = ("macs", "ipv4", "ipv6", "dhcp_requests")
 
 DHCP_REQUEST_TTL_S = 60     # a DHCPACK binds at once only if it answers a request at most this old
+DHCP_REWRITTEN = 1          # dhcp_requests flags: the request left with the Wi-Fi MAC as chaddr
+DHCP_CLIENT_ID_ADDED = 2    # ... and with a client identifier macnat added (the server's echo is taken out again)
+PPPOE_IDLE_S = 60           # a VM's PPPoE silent this long lets another VM start one
 
 BINDING_STATIC = 1          # set by the user; never aged, never moved by learning
 LAN_PINNED = 1              # lan_macs / lan_addrs: put there by the manager (the gateway); never aged
@@ -76,6 +99,7 @@ CFG_ONLINK_IPV4 = 2         # the manager knows the on-link IPv4 prefixes: VM IP
 CFG_ONLINK_IPV6 = 4         # the same for IPv6 (fe80::/10 is always on-link)
 CFG_ALLOW_IPV4_LINK_LOCAL = 8   # VMs may use 169.254.0.0/16 (RFC 3927)
 CFG_ALLOW_DOCUMENTATION = 16    # VMs may use the documentation prefixes (RFC 5737, RFC 3849, RFC 9637)
+CFG_DHCP_REWRITE = 32       # VMs' DHCP leaves with the Wi-Fi MAC as chaddr (the dhcp policy: rewrite, or auto decided so)
 
 # cls_bpf filters: an explicit priority and handle, so macnat finds and removes only its own.
 TC_PRIO = 0x40DE  # an unusual priority: other tools sharing the clsact keep theirs
@@ -91,7 +115,7 @@ PROGRAMS = {  # function in bpf/macnat.c -> (device role, hook)
     "uplink_egress": ("uplink", "egress"),
 }
 MAP_NAMES = ("config", "counters", "bindings", "vm_macs", "vm_hints", "lan_macs", "lan_addrs", "host_addrs",
-             "refusals", "onlink", "dhcp_requests", "ports", "port_released", "events")
+             "refusals", "onlink", "dhcp_requests", "ports", "port_released", "pppoe", "events")
 
 
 def cflags() -> list[str]:
@@ -115,6 +139,9 @@ def cflags() -> list[str]:
         "MACNAT_PORT_EVENTS_PER_SECOND": PORT_EVENTS_PER_SECOND,
         "MACNAT_NUM_PORT_COUNTS": len(PORT_COUNTS),
         "MACNAT_DHCP_REQUEST_TTL_NS": DHCP_REQUEST_TTL_S * 10**9,
+        "MACNAT_DHCP_REWRITTEN": DHCP_REWRITTEN,
+        "MACNAT_DHCP_CLIENT_ID_ADDED": DHCP_CLIENT_ID_ADDED,
+        "MACNAT_PPPOE_IDLE_NS": PPPOE_IDLE_S * 10**9,
         "MACNAT_BINDING_STATIC": BINDING_STATIC,
         "MACNAT_LAN_PINNED": LAN_PINNED,
         "MACNAT_CFG_CREATED_CLSACT": CFG_CREATED_CLSACT,
@@ -122,6 +149,7 @@ def cflags() -> list[str]:
         "MACNAT_CFG_ONLINK_IPV6": CFG_ONLINK_IPV6,
         "MACNAT_CFG_ALLOW_IPV4_LINK_LOCAL": CFG_ALLOW_IPV4_LINK_LOCAL,
         "MACNAT_CFG_ALLOW_DOCUMENTATION": CFG_ALLOW_DOCUMENTATION,
+        "MACNAT_CFG_DHCP_REWRITE": CFG_DHCP_REWRITE,
         "MACNAT_MARK_FROM_VMS": MARK_FROM_VMS,
     }
     flags.update({f"MACNAT_PORT_{name.upper()}": i for i, name in enumerate(PORT_COUNTS)})

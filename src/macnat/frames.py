@@ -1,12 +1,15 @@
 """The few frames the manager sends itself: unicast ARP and neighbour solicitations (probes of idle VMs),
-gratuitous ARP and unsolicited neighbour advertisements (telling the LAN where addresses are)."""
+gratuitous ARP and unsolicited neighbour advertisements (telling the LAN where addresses are), and a
+DHCPDISCOVER as the host (dhcp = auto: does the server answer the station's own MAC?)."""
 
 from __future__ import annotations
 
 import struct
 
 ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
+IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 ICMPV6_NEIGHBOUR_SOLICIT = 135
 ICMPV6_NEIGHBOUR_ADVERT = 136
@@ -59,3 +62,23 @@ def unsolicited_advertisement(src_mac: bytes, ip: bytes) -> bytes:
     icmp = (struct.pack("!BBHI", ICMPV6_NEIGHBOUR_ADVERT, 0, 0, NA_FLAG_OVERRIDE) + ip
             + bytes([ND_OPT_TARGET_LL, 1]) + src_mac)
     return _icmpv6(ALL_NODES_MAC, src_mac, ip, ALL_NODES, icmp)
+
+
+DHCP_MAGIC_COOKIE = bytes.fromhex("63825363")
+BOOTP_MIN_LEN = 300   # RFC 951's size, which servers and relays still expect
+
+
+def dhcp_discover(src_mac: bytes, xid: int) -> bytes:
+    """A broadcast DHCPDISCOVER (RFC 2131) with chaddr `src_mac` and the broadcast flag, without a client
+    identifier: what a client that is the station itself sends. It commits the server to nothing."""
+    bootp = (struct.pack("!BBBBIHH", 1, 1, 6, 0, xid, 0, 0x8000) + bytes(16) + src_mac + bytes(10) + bytes(192)
+             + DHCP_MAGIC_COOKIE + bytes([53, 1, 1, 255]))
+    bootp = bootp.ljust(BOOTP_MIN_LEN, b"\0")
+    udp_length = 8 + len(bootp)
+    source, destination = bytes(4), BROADCAST[:4]
+    pseudo_header = source + destination + struct.pack("!BBH", 0, IPPROTO_UDP, udp_length)
+    udp = struct.pack("!HHHH", 68, 67, udp_length, 0) + bootp
+    udp = udp[:6] + struct.pack("!H", internet_checksum(pseudo_header + udp) or 0xFFFF) + udp[8:]
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + udp_length, 0, 0, 64, IPPROTO_UDP, 0) + source + destination
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
+    return BROADCAST + src_mac + struct.pack("!H", ETH_P_IP) + ip + udp

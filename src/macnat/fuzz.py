@@ -46,7 +46,7 @@ from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Har
 from macnat.frames import internet_checksum
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties.lan_side import pin_gateway, sync_onlink_prefixes
-from macnat.maps import IPV4_MAPPED_PREFIX, DhcpRequest, LanMac, MacAddr, ip_key, mac_bytes, u32
+from macnat.maps import IPV4_MAPPED_PREFIX, DhcpRequest, LanMac, MacAddr, ip_key, mac_bytes, xid_key
 
 T = TypeVar("T")
 
@@ -291,8 +291,9 @@ def known_state(h: Harness, onlink: bool = True) -> None:
     if onlink:
         sync_onlink_prefixes(h.maps, set(ONLINK))
     for xid, (mac, port) in XIDS.items():
-        key = u32(struct.unpack("=I", struct.pack("!I", xid))[0])  # the xid as it lies in the frame
-        h.maps.dhcp_requests.update(key, DhcpRequest(mac=mac_bytes(mac), port=port, time_ns=monotonic_ns()))
+        now = monotonic_ns()
+        h.maps.dhcp_requests.update(xid_key(xid), DhcpRequest(mac=mac_bytes(mac), port=port, message=1, requests=1,
+                                                             first_ns=now, time_ns=now))
 
 
 def snapshot(h: Harness) -> dict:

@@ -29,7 +29,9 @@ Three more behaviours of real access points, for `macnat doctor` to recognise: `
 answers ARP for the listed addresses itself, with the station's MAC: hostapd's proxy_arp=1, which
 sets the bridge port's proxy_arp_wifi and keeps neighbour entries from its DHCP snooping),
 `ap_isolation` (client isolation: the station reaches the router only) and `arp_offload` (Wi-Fi
-firmware that keeps every ARP not for the station's own address from the host).
+firmware that keeps every ARP not for the station's own address from the host). `chaddr_check` is the
+strict network of issue #13: the AP drops the station's DHCP requests whose BOOTP chaddr is not the
+station's MAC (DHCP snooping's "verify mac-address"), counted as `chaddr_mismatch`.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class Knobs:
     ap_proxy_arp: list[str] = field(default_factory=list)  # addresses the AP answers ARP for, as the station's
     ap_isolation: bool = False        # the AP lets the station talk to the router only
     arp_offload: bool = False         # only ARP for the station's own address reaches it
+    chaddr_check: bool = False        # the AP drops the station's DHCP whose chaddr is not the station's MAC
+    server_ignores_client_id: bool = False  # dnsmasq --dhcp-ignore-clid: leases by chaddr alone
 
 
 def namespaces(knobs: Knobs | None = None) -> list[Namespace]:
@@ -292,6 +296,8 @@ def _start_dnsmasq(net: LanNetwork, knobs: Knobs) -> None:
         f"--dhcp-leasefile={net.state_file('dnsmasq.leases')}", "--log-dhcp", "--log-facility=-",
         f"--pid-file={pidfile}",
     ]
+    if knobs.server_ignores_client_id:
+        argv.append("--dhcp-ignore-clid")
     if knobs.ipv6:
         # RA with the A flag (SLAAC) and the M flag (DHCPv6): VMs get an address of each kind.
         argv += ["--enable-ra", f"--dhcp-range={net.prefix6}100,{net.prefix6}1ff,slaac,64,1h"]
@@ -365,29 +371,43 @@ def _write_dhclient_files() -> None:
     script.chmod(0o755)
 
 
-def dhcp(vm: str, renew_after: int | None = None) -> str | None:
-    """Run the VM's real DHCP client once; the leased address, or None if it got none in DHCP_TIMEOUT.
+def dhcp(vm: str, renew_after: int | None = None, rebind_after: int | None = None, timeout: int = DHCP_TIMEOUT,
+         lease: str | None = None, foreground: bool = False) -> str | None:
+    """Run the VM's real DHCP client once; the leased address, or None if it got none in `timeout` s.
 
     On success dhclient stays in the background and renews (after `renew_after` seconds if given,
-    else at the server's T1), as in a real VM.
+    else at the server's T1) and rebinds (after `rebind_after`, else at T2), as in a real VM. `lease`:
+    a lease statement the client starts from (it asks for that address first, INIT-REBOOT).
+    `foreground`: dhclient runs with -d, so that dhcp_log() keeps what it prints after the first lease
+    ("DHCPACK of" for each lease it takes: its script is not run for a rebind that changes nothing).
     """
     release(vm)
-    conf = (f"timeout {DHCP_TIMEOUT};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
+    if lease:
+        (STATE_DIR / f"dhclient-{vm}.leases").write_text(lease)
+    conf = (f"timeout {timeout};\nretry 1;\ninitial-interval 1;\nbackoff-cutoff 2;\n"
             "request subnet-mask, broadcast-address, routers;\n"
-            + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else ""))
-    return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf) else None
+            + (f"supersede dhcp-renewal-time {renew_after};\n" if renew_after else "")
+            + (f"supersede dhcp-rebinding-time {rebind_after};\n" if rebind_after else ""))
+    if foreground:
+        VMS[vm].ns.spawn(*_dhclient_argv(vm, "dhclient", ["-d"], conf), log=STATE_DIR / f"dhclient-{vm}.log")
+        deadline = time.monotonic() + timeout
+        while not vm_ip(vm) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return vm_ip(vm)
+    return vm_ip(vm) if _dhclient(vm, "dhclient", [], conf, timeout) else None
 
 
-def _dhclient(vm: str, kind: str, options: list[str], conf: str) -> bool:
-    """Run isc dhclient once in the VM, its files named after `kind`; True when it got a lease."""
-    host = VMS[vm]
+def _dhclient_argv(vm: str, kind: str, options: list[str], conf: str) -> list[str]:
+    """isc dhclient's command line for the VM (`conf` written to its file), its files named after `kind`."""
     conf_path = STATE_DIR / f"{kind}-{vm}.conf"
     conf_path.write_text(conf)
-    proc = host.ns.run("dhclient", *options, "-1", "-v", "-cf", str(conf_path),
-                       "-sf", str(STATE_DIR / "dhclient-script"),
-                       "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"),
-                       "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), host.ifname,
-                       check=False, timeout=DHCP_TIMEOUT + 10)
+    return ["dhclient", *options, "-v", "-cf", str(conf_path), "-sf", str(STATE_DIR / "dhclient-script"),
+            "-pf", str(STATE_DIR / f"{kind}-{vm}.pid"), "-lf", str(STATE_DIR / f"{kind}-{vm}.leases"), VMS[vm].ifname]
+
+
+def _dhclient(vm: str, kind: str, options: list[str], conf: str, timeout: int = DHCP_TIMEOUT) -> bool:
+    """Run isc dhclient once in the VM, its files named after `kind`; True when it got a lease."""
+    proc = VMS[vm].ns.run(*_dhclient_argv(vm, kind, [*options, "-1"], conf), check=False, timeout=timeout + 10)
     with open(STATE_DIR / f"{kind}-{vm}.log", "a") as log:
         log.write(proc.stdout + proc.stderr)
     return proc.returncode == 0
@@ -432,17 +452,19 @@ option subnet_mask, routers
 """
 
 
-def start_dhcpcd(vm: str) -> subprocess.Popen:
+def start_dhcpcd(vm: str, duid: bool = False) -> subprocess.Popen:
     """Run dhcpcd in the VM as a guest's network manager would: it asks for a lease at start and again
     whenever its carrier comes back (how guests learn that the host changed networks). Its /run and
     /var/lib/dhcpcd are private (a mount namespace of its own): the VMs' state stays apart, and off
-    the machine."""
+    the machine. Its client identifier is type 1 and its MAC; with `duid`, an RFC 4361 one (IAID and
+    DUID, type 255), as dhcpcd's own dhcpcd.conf sets it."""
     release(vm)
-    conf = STATE_DIR / "dhcpcd.conf"
-    conf.write_text(DHCPCD_CONF)
+    conf = STATE_DIR / f"dhcpcd-{vm}.conf"
+    conf.write_text(DHCPCD_CONF + ("duid\n" if duid else ""))
     host = VMS[vm]
-    script = (f"mount -t tmpfs none /run && mount -t tmpfs none /var/lib/dhcpcd && "
-              f"exec dhcpcd -B -f {conf} -c /bin/true {host.ifname}")
+    # the configuration lives in STATE_DIR, under /run: it is read before /run becomes the private tmpfs
+    script = (f'conf="$(cat {conf})" && mount -t tmpfs none /run && mount -t tmpfs none /var/lib/dhcpcd && '
+              f'printf "%s\\n" "$conf" >/run/dhcpcd.conf && exec dhcpcd -B -f /run/dhcpcd.conf -c /bin/true {host.ifname}')
     return host.ns.spawn("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                          log=STATE_DIR / f"dhcpcd-{vm}.log")
 
@@ -490,6 +512,19 @@ def release(vm: str) -> None:
     VMS[vm].ns.ip("-4", "addr", "flush", "dev", VMS[vm].ifname)
 
 
+def dhcp_log(vm: str) -> str:
+    """What the VM's dhclient printed (every run since the lab came up)."""
+    path = STATE_DIR / f"dhclient-{vm}.log"
+    return path.read_text() if path.exists() else ""
+
+
+def server_leases(network: str | None = None) -> list[dict[str, str]]:
+    """The leases the router's dnsmasq holds: address, chaddr and client identifier ("*": none)."""
+    path = NETWORKS[network or current_knobs().network].state_file("dnsmasq.leases")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [dict(zip(("expiry", "chaddr", "ip", "hostname", "client_id"), line.split())) for line in lines]
+
+
 def vm_ip(vm: str) -> str | None:
     host = VMS[vm]
     addrs = json.loads(host.ns.ip("-j", "-4", "addr", "show", "dev", host.ifname))
@@ -535,6 +570,9 @@ def set_ap(knobs: Knobs) -> None:
         rules += ['iifname "air" oifname != "p-router" drop', 'oifname "air" iifname != "p-router" drop']
     if knobs.arp_offload:
         rules.append(f'oifname "air" arp daddr ip != {NETWORKS[knobs.network].laptop_ip} drop')
+    if knobs.chaddr_check:  # BOOTP chaddr: 28 bytes into the message, after the 8-byte UDP header
+        station = "0x" + knobs.station_mac.replace(":", "")
+        rules.append(f'iifname "air" udp sport 68 udp dport 67 @th,288,48 != {station} counter name "chaddr_mismatch" drop')
     if knobs.ap_filter:
         rules.append(f'iifname "air" ether saddr != {knobs.station_mac} counter name "from_unassociated" drop')
         rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
@@ -547,6 +585,7 @@ delete table bridge {AP_TABLE}
 table bridge {AP_TABLE} {{
   counter from_unassociated {{}}
   counter to_unassociated {{}}
+  counter chaddr_mismatch {{}}
   chain forward {{
     type filter hook forward priority 0; policy accept;
 {body}
@@ -577,7 +616,8 @@ def reassociate(mac: str) -> None:
 
 
 def ap_drops() -> dict[str, int]:
-    """Frames the station's AP dropped: from unassociated source MACs, and unicast to MACs other than the station's."""
+    """Frames the station's AP dropped: from unassociated source MACs, unicast to MACs other than the station's, and
+    (chaddr_check) DHCP whose chaddr is not the station's MAC."""
     ap = NETWORKS[current_knobs().network].ap
     out = json.loads(ap.run("nft", "-j", "list", "counters", "table", "bridge", AP_TABLE).stdout)
     return {item["counter"]["name"]: item["counter"]["packets"] for item in out["nftables"] if "counter" in item}

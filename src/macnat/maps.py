@@ -67,7 +67,12 @@ class OnlinkPrefix(ctypes.Structure):
 
 
 class DhcpRequest(ctypes.Structure):
-    _fields_ = [("mac", MacBytes), ("pad", u16), ("port", u32), ("pad2", u32), ("time_ns", u64)]
+    _fields_ = [("mac", MacBytes), ("flags", u8), ("message", u8), ("port", u32), ("requests", u32), ("replies", u32),
+                ("pad", u32), ("first_ns", u64), ("time_ns", u64)]
+
+
+class PppoeOwner(ctypes.Structure):
+    _fields_ = [("mac", MacBytes), ("pad", u16), ("port", u32), ("last_ns", u64)]
 
 
 class PortCounts(ctypes.Structure):
@@ -111,6 +116,7 @@ LAYOUT: dict[str, tuple[type, type]] = {
     "dhcp_requests": (u32, DhcpRequest),
     "ports": (u32, PortState),
     "port_released": (u32, PortCounts),
+    "pppoe": (u32, PppoeOwner),
 }
 # ring buffers: map name -> the record type
 RINGS: dict[str, type] = {"events": Event}
@@ -148,6 +154,11 @@ def mac_bytes(mac: str) -> MacBytes:
         return MacBytes(*(int(p, 16) for p in parts))
     except ValueError:
         raise MacnatError(f"'{mac}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)") from None
+
+
+def xid_key(xid: int) -> u32:
+    """A DHCP transaction id as dhcp_requests keys it: its four bytes as they lie in the frame."""
+    return u32(int.from_bytes(xid.to_bytes(4, "big"), "little"))
 
 
 def vm_hint_slot(mac: MacBytes) -> int:

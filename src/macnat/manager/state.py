@@ -43,6 +43,7 @@ class State:
     network: object | None = None   # the current network (macnat.manager.duties.network_change.Network)
     host_addresses: dict[str, str] = field(default_factory=dict)  # this host's addresses -> interface
     stepped_aside: str | None = None  # the bridge's wired uplinks while macnat steps aside for them
+    dhcp: str = "keep"              # the DHCPv4 policy as it acts now ("keep", "auto: rewrite since ...")
     bindings: int = 0               # table sizes as of the last sweep, for status lines and metrics
     vms: int = 0
     binding_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (family, kind) -> bindings

@@ -47,9 +47,10 @@ class Periodic(Duty):
 
 def all_duties() -> list[Duty]:
     """Every duty, in the order each event reaches them (the plumbing first: the others need its links)."""
-    from macnat.manager.duties import (ageing, bindings_log, claims, docking, host_addresses, lan_fdb, lan_side,
-                                       metrics, network_change, notify, plumbing, port_accounting, security_log,
-                                       security_settings, statics, status_file, vm_fdb, vm_ports, wifi_identity)
+    from macnat.manager.duties import (ageing, bindings_log, claims, dhcp_policy, docking, host_addresses, lan_fdb,
+                                       lan_side, metrics, network_change, notify, plumbing, port_accounting,
+                                       security_log, security_settings, statics, status_file, vm_fdb, vm_ports,
+                                       wifi_identity)
 
     return [
         plumbing.Plumbing(),
@@ -62,6 +63,7 @@ def all_duties() -> list[Duty]:
         statics.Statics(),
         wifi_identity.WifiIdentity(),
         network_change.NetworkChange(),
+        dhcp_policy.DhcpPolicy(),
         lan_fdb.LanFdb(),
         vm_fdb.VmFdb(),
         ageing.Ageing(),

@@ -97,6 +97,8 @@ class SecurityLog(Periodic):
             return f"refused: VM {mac} on {port}: the port is at its limit of {kind.removeprefix('refused_limit_')}", fields
         if kind in MAC_OWNERS:
             return f"refused: frames from {port} with source MAC {mac}, {MAC_OWNERS[kind]}", fields
+        if kind == "refused_pppoe":
+            return f"refused: PPPoE from VM {mac} on {port}: another VM's PPPoE is active (one VM at a time)", fields
         if kind == "dad_conflict":
             return f"LAN host {other} probes (DAD) {ip} of VM {mac}: the binding goes until the VM defends it", fields
         if kind == "lan_ip_conflict":

@@ -36,7 +36,7 @@ class StatusFile(Periodic):
             "program_ids": self.program_ids,
             "network": network.describe() if network else None,
             "ssid": state.association.ssid, "bssid": state.association.bssid,
-            "bindings": state.bindings, "vms": state.vms, "forged_sources": state.forged_sources,
+            "bindings": state.bindings, "vms": state.vms, "forged_sources": state.forged_sources, "dhcp": state.dhcp,
             "config": str(state.resolved.path), "uptime_s": round(time.monotonic() - state.started_monotonic),
         }
         comparable = {k: v for k, v in status.items() if k != "uptime_s"}
