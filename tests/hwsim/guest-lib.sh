@@ -151,6 +151,16 @@ EOF
 }
 associated() { wpa_cli -i wlan1 status 2>/dev/null | grep -q '^wpa_state=COMPLETED'; }
 
+start_laptop() { # the station joins $SSID, the laptop leases its own address, vmbr0 and the VMs come:
+    # sets $sta_mac and $laptop_ip
+    start_station
+    sta_mac=$(cat /sys/class/net/wlan1/address)
+    check "station $sta_mac associated with WPA2 (wpa_state=COMPLETED)" wait_for 60 associated
+    laptop_ip=$(dhcp - wlan1)
+    check "the laptop's wlan1 leased $laptop_ip from the AP side" test -n "$laptop_ip"
+    add_vms
+}
+
 add_vms() { # vmbr0 and the VMs' namespaces on veths in it, their links still down
     local i
     ip link add vmbr0 type bridge

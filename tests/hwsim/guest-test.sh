@@ -34,12 +34,7 @@ start_ap "" "$ap_phy" wlan0 $AP_NET $AP_NET6 $SSID 1
 start_ap 2 "$ap2_phy" wlan2 $AP2_NET $AP2_NET6 $SSID2 11
 
 say "the laptop: the station radio with wpa_supplicant, vmbr0 and two VMs"
-start_station
-sta_mac=$(cat /sys/class/net/wlan1/address)
-check "station $sta_mac associated with WPA2 (wpa_state=COMPLETED)" wait_for 60 associated
-laptop_ip=$(dhcp - wlan1)
-check "the laptop's wlan1 leased $laptop_ip from the AP side" test -n "$laptop_ip"
-add_vms
+start_laptop
 
 say "1. the problem is real"
 enslave=$(ip link set wlan1 master vmbr0 2>&1)
