@@ -156,7 +156,7 @@ probe() { # AP mode, policy, family, host name, address, [keep]: one row of the 
     in_ns ns-lan ping -n -c 2 -i 0.3 -W 2 "$addr" >/dev/null 2>&1 && reachable=yes
     sleep 1
     after=$(requests_seen "$fam" "$addr")
-    if [ "$after" -gt "$before" ] && [ "$reachable" = yes ]; then how="the VM answered: the request reached the station ($((after - before))x)"
+    if [ "$after" -gt "$before" ] && [ "$reachable" = yes ]; then how="its owner answered: the request reached the station ($((after - before))x)"
     elif [ "$after" -gt "$before" ]; then how="the request reached the station ($((after - before))x), no answer came back"
     elif [ "$reachable" = yes ]; then how="the AP answered: the request never reached the station"
     else how="the request never reached the station"; fi
