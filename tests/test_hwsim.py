@@ -4,14 +4,17 @@ per-network random MAC). The guest test prints every check; on failure it also p
 wpa_supplicant, macnat and dnsmasq and a summary of the captures."""
 
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from macnat import config
 
 RUNNER = Path(__file__).parent / "hwsim" / "run-qemu.sh"
 SERVICE_SCRIPT = RUNNER.with_name("guest-service.sh")
+STRICT_SCRIPT = RUNNER.with_name("guest-strict.sh")
 EVIDENCE = (
     "PASS enslaving wlan1 fails: Error: Device does not allow enslaving to a bridge.",
     "PASS frames with a VM's source MAC sent out wlan1 never reach the AP's LAN (0 seen)",
@@ -122,3 +125,38 @@ def test_the_service_in_a_booted_guest(deb, tmp_path):
     assert proc.returncode == 0, output[-20000:]
     for line in SERVICE_EVIDENCE:
         assert line in output, line
+
+
+# What tests/hwsim/guest-strict.sh must show besides its matrix (whose cells are measurements, not promises).
+STRICT_EVIDENCE = (
+    "PASS mDNS 224.0.0.251: LAN host -> vm1",
+    "PASS mDNS 224.0.0.251: vm1 -> LAN host",
+    "PASS mDNS ff02::fb: LAN host -> vm1",
+    "PASS mDNS ff02::fb: vm1 -> LAN host",
+    "PASS proxy-arp: hostapd set proxyarp_wifi and hairpin_mode on its bridge port, arp_accept on br-lan",
+    "PASS proxy-arp: hostapd bound the laptop's own lease",
+    "PASS proxy-arp, rewrite: hostapd bound a VM's lease",
+    "PASS proxy-arp, keep: every IPv4 address hostapd bound is reachable",
+    "PASS proxy-arp, rewrite: every IPv4 address hostapd bound is reachable",
+    "PASS no-dgaf, rewrite: every IPv4 address hostapd bound is reachable",
+    "PASS no-dgaf, rewrite: hostapd bound a VM's lease",
+    "PASS the matrix has all 36 rows",
+)
+MATRIX_ROW = re.compile(r"^MATRIX (proxy-arp|no-dgaf) +(keep|rewrite)(\+garp)? +IPv[46] +(laptop|vm1|vm2) +\S+ +(yes|no|-) +(yes|no) ",
+                        re.MULTILINE)
+
+
+def test_proxy_arp_access_points_and_mdns_in_a_vm():
+    """hostapd with proxy_arp=1 (and with disable_dgaf=1 too) x dhcp = keep | rewrite: which of the laptop's
+    and the VMs' addresses a LAN host reaches, printed as a matrix; mDNS both ways on a normal AP."""
+    started = time.monotonic()
+    env = os.environ | {"MACNAT_HWSIM_SCRIPT": str(STRICT_SCRIPT)}
+    proc = subprocess.run([str(RUNNER)], capture_output=True, text=True, timeout=3600, env=env)
+    output = proc.stdout + proc.stderr
+    print(output)
+    print(f"guest-strict.sh: {time.monotonic() - started:.0f} s in all (guest build, boot, run)")
+    assert proc.returncode == 0, output[-20000:]
+    assert re.search(r"^\d+ passed, 0 failed$", proc.stdout, re.MULTILINE), proc.stdout[-5000:]
+    for line in STRICT_EVIDENCE:
+        assert line in output, line
+    assert len(MATRIX_ROW.findall(proc.stdout)) == 36, proc.stdout[-5000:]

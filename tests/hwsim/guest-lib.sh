@@ -1,5 +1,6 @@
 # What the guest scripts share (sourced by guest-test.sh and guest-service.sh, as root in the guest):
-# checks that print PASS/FAIL, namespaces, a DHCP client of our own, and the access points.
+# checks that print PASS/FAIL, namespaces, a DHCP client of our own, the access points (hostapd with
+# extra settings, restartable) and macnat installed as a user installs it.
 #
 #   ns-ap<n>:  hostapd (WPA2-PSK) on an AP radio, bridged into br-lan with dnsmasq (DHCPv4, RA,
 #              DHCPv6); ns-lan<n>, a LAN host, hangs off br-lan
@@ -74,8 +75,25 @@ dhcp() { # namespace-or-"-", interface, [-6]: prints the leased address
         awk -v want="$want" '$4 ~ want {print $4}' | cut -d/ -f1 | tail -n 1
 }
 
-start_ap() { # suffix ("" or 2), phy, its interface, net, net6, SSID, channel: hostapd bridged into a LAN
-    local n=$1 phy=$2 ifc=$3 net=$4 net6=$5 ssid=$6 channel=$7 ns
+dhcp_again() { # namespace-or-"-", interface: a new DHCPv4 lease from scratch (the running client stopped, its
+    # address gone), as a network manager does on a new association: prints the leased address
+    local ns=$1 ifc=$2
+    kill "$(cat "$RUN/dhclient-$ns-$ifc.pid" 2>/dev/null)" 2>/dev/null
+    if [ "$ns" = - ]; then ip -4 addr flush dev "$ifc"; else in_ns "$ns" ip -4 addr flush dev "$ifc"; fi
+    dhcp "$ns" "$ifc"
+}
+
+install_macnat() { # macnat from $MACNAT_PIP_ARGS into a fresh venv, the way a user installs it: sets $macnat
+    python3 -m venv /tmp/macnat-venv
+    # shellcheck disable=SC2086
+    /tmp/macnat-venv/bin/pip install -q --disable-pip-version-check ${MACNAT_PIP_ARGS:?set MACNAT_PIP_ARGS to what pip installs macnat from} \
+        >>"$LOG/checks.log" 2>&1
+    check "pip install macnat into a fresh venv" test -x /tmp/macnat-venv/bin/macnat
+    macnat=/tmp/macnat-venv/bin/macnat
+}
+
+start_ap() { # suffix ("" or 2), phy, its interface, net, net6, SSID, channel, [hostapd.conf lines]: hostapd bridged into a LAN
+    local n=$1 phy=$2 ifc=$3 net=$4 net6=$5 ssid=$6 channel=$7 extra=${8:-} ns
     for ns in "ns-ap$n" "ns-lan$n"; do ip netns add "$ns"; in_ns "$ns" ip link set lo up; done
     iw phy "$phy" set netns name "ns-ap$n"
     in_ns "ns-ap$n" ip link add br-lan type bridge
@@ -88,6 +106,17 @@ start_ap() { # suffix ("" or 2), phy, its interface, net, net6, SSID, channel: h
     in_ns "ns-lan$n" ip -6 addr add "${net6}20/64" dev eth0 nodad
     in_ns "ns-lan$n" ip link set eth0 up
     in_ns "ns-lan$n" ip route add default via "$net.1"
+    start_hostapd "$n" "$ifc" "$ssid" "$channel" "$extra"
+    in_ns "ns-ap$n" tcpdump -i br-lan -U -w "$LOG/lan$n.pcap" >/dev/null 2>&1 &
+    in_ns "ns-ap$n" dnsmasq --conf-file=/dev/null --port=0 --interface=br-lan --bind-interfaces --no-ping \
+        --dhcp-authoritative --dhcp-range="$net.100,$net.199,255.255.255.0,1h" \
+        --dhcp-option="option:router,$net.1" --enable-ra --dhcp-range="${net6}100,${net6}1ff,slaac,64,1h" \
+        --dhcp-leasefile="$RUN/dnsmasq$n.leases" --log-dhcp --log-facility="$LOG/dnsmasq$n.log" \
+        --pid-file="$RUN/dnsmasq$n.pid"
+}
+
+start_hostapd() { # suffix, interface, SSID, channel, [hostapd.conf lines]: WPA2-PSK, bridged into br-lan
+    local n=$1 ifc=$2 ssid=$3 channel=$4 extra=${5:-}
     cat >"$RUN/hostapd$n.conf" <<EOF
 interface=$ifc
 bridge=br-lan
@@ -99,14 +128,14 @@ wpa=2
 wpa_passphrase=$PSK
 wpa_key_mgmt=WPA-PSK
 rsn_pairwise=CCMP
+$extra
 EOF
     in_ns "ns-ap$n" hostapd -B -dd -t -f "$LOG/hostapd$n.log" -P "$RUN/hostapd$n.pid" "$RUN/hostapd$n.conf"
-    in_ns "ns-ap$n" tcpdump -i br-lan -U -w "$LOG/lan$n.pcap" >/dev/null 2>&1 &
-    in_ns "ns-ap$n" dnsmasq --conf-file=/dev/null --port=0 --interface=br-lan --bind-interfaces --no-ping \
-        --dhcp-authoritative --dhcp-range="$net.100,$net.199,255.255.255.0,1h" \
-        --dhcp-option="option:router,$net.1" --enable-ra --dhcp-range="${net6}100,${net6}1ff,slaac,64,1h" \
-        --dhcp-leasefile="$RUN/dnsmasq$n.leases" --log-dhcp --log-facility="$LOG/dnsmasq$n.log" \
-        --pid-file="$RUN/dnsmasq$n.pid"
+}
+stop_hostapd() { # suffix: hostapd gone (it takes its interface out of br-lan and undoes its bridge settings)
+    local pid; pid=$(cat "$RUN/hostapd$1.pid")
+    kill "$pid"
+    wait_for 10 sh -c "! kill -0 $pid"
 }
 
 start_station() { # the station wlan1 joins $SSID with wpa_supplicant
@@ -121,6 +150,16 @@ EOF
     wpa_supplicant -B -i wlan1 -c "$RUN/wpa.conf" -dd -t -f "$LOG/wpa_supplicant.log" -P "$RUN/wpa.pid"
 }
 associated() { wpa_cli -i wlan1 status 2>/dev/null | grep -q '^wpa_state=COMPLETED'; }
+
+start_laptop() { # the station joins $SSID, the laptop leases its own address, vmbr0 and the VMs come:
+    # sets $sta_mac and $laptop_ip
+    start_station
+    sta_mac=$(cat /sys/class/net/wlan1/address)
+    check "station $sta_mac associated with WPA2 (wpa_state=COMPLETED)" wait_for 60 associated
+    laptop_ip=$(dhcp - wlan1)
+    check "the laptop's wlan1 leased $laptop_ip from the AP side" test -n "$laptop_ip"
+    add_vms
+}
 
 add_vms() { # vmbr0 and the VMs' namespaces on veths in it, their links still down
     local i

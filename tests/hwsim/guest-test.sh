@@ -13,7 +13,6 @@
 # MACNAT_LOG_DIR: where logs go (default /tmp/hwsim-logs).
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/guest-lib.sh"
-PIP_ARGS=${MACNAT_PIP_ARGS:?set MACNAT_PIP_ARGS to what pip installs macnat from}
 manager_pid=
 
 finish() {
@@ -35,12 +34,7 @@ start_ap "" "$ap_phy" wlan0 $AP_NET $AP_NET6 $SSID 1
 start_ap 2 "$ap2_phy" wlan2 $AP2_NET $AP2_NET6 $SSID2 11
 
 say "the laptop: the station radio with wpa_supplicant, vmbr0 and two VMs"
-start_station
-sta_mac=$(cat /sys/class/net/wlan1/address)
-check "station $sta_mac associated with WPA2 (wpa_state=COMPLETED)" wait_for 60 associated
-laptop_ip=$(dhcp - wlan1)
-check "the laptop's wlan1 leased $laptop_ip from the AP side" test -n "$laptop_ip"
-add_vms
+start_laptop
 
 say "1. the problem is real"
 enslave=$(ip link set wlan1 master vmbr0 2>&1)
@@ -62,11 +56,7 @@ check "hostapd reports the unassociated sender ${VM_MACS[1]}" \
 check "the real station stays associated" associated
 
 say "2. macnat attach wlan1 vmbr0, installed the way a user installs it"
-python3 -m venv /tmp/macnat-venv
-# shellcheck disable=SC2086
-/tmp/macnat-venv/bin/pip install -q --disable-pip-version-check $PIP_ARGS >>"$LOG/checks.log" 2>&1
-check "pip install macnat into a fresh venv" test -x /tmp/macnat-venv/bin/macnat
-macnat=/tmp/macnat-venv/bin/macnat
+install_macnat
 $macnat attach wlan1 vmbr0 >"$LOG/macnat.log" 2>&1 &
 manager_pid=$!
 check "macnat attached and managing (bcc compile inside the VM)" wait_for 120 grep -q "managing wlan1 <-> vmbr0" "$LOG/macnat.log"
@@ -153,9 +143,7 @@ vm_addr() { in_ns "ns-vm$1" ip -o -4 addr show dev eth0 | awk -v net="$2." 'inde
 check "both VMs leased again by dhcpcd" wait_for 30 sh -c "[ -n \"\$(ip netns exec ns-vm1 ip -4 -o addr show dev eth0)\" ] && [ -n \"\$(ip netns exec ns-vm2 ip -4 -o addr show dev eth0)\" ]"
 vm1=$(vm_addr 1 $AP_NET)
 laptop_dhcp() { # the laptop's own address on the network it is on now, as its network manager gets it
-    kill "$(cat "$RUN/dhclient---wlan1.pid" 2>/dev/null)" 2>/dev/null
-    ip -4 addr flush dev wlan1
-    laptop_ip=$(dhcp - wlan1)
+    laptop_ip=$(dhcp_again - wlan1)
 }
 reachable_after() { # seconds, namespace, address: prints how long until a ping got through
     local start=$SECONDS
