@@ -60,20 +60,17 @@ def link(ipr: IPRoute, name: str) -> Link:
 
 def find_link(ipr: IPRoute, name: str) -> Link | None:
     """The interface called `name`, or None when there is none (yet)."""
-    try:
-        return _link(ipr.link("get", ifname=name)[0])
-    except NetlinkError:
-        return None
+    return next((lk for lk in links(ipr) if lk.name == name), None)
 
 
 def link_by_index(ipr: IPRoute, index: int) -> Link | None:
-    try:
-        return _link(ipr.link("get", index=index)[0])
-    except NetlinkError:
-        return None
+    return next((lk for lk in links(ipr) if lk.index == index), None)
 
 
 def links(ipr: IPRoute) -> list[Link]:
+    """Every interface. One interface is looked up in this dump too: pyroute2 0.9.7 keeps about 1.6 KB
+    for good after each RTM_GETLINK of one interface (measured: a manager calling it a few times a
+    second grew by 8 MB an hour), a dump keeps nothing."""
     return [_link(msg) for msg in ipr.get_links()]
 
 
