@@ -42,24 +42,34 @@ def rss_mb(pid: int) -> float:
 
 
 def fill(maps, bindings: int, full_mac_tables: bool) -> None:
+    """`bindings` bindings (or up to full: the lab's VMs may be learned meanwhile), and at the largest size
+    the VM and LAN MAC tables full too (the lab's own VMs already have a few entries)."""
     maps.bindings.clear()
     now = monotonic_ns()
     base4, base6 = int(ipaddress.IPv4Address("10.0.0.0")), int(ipaddress.IPv6Address("fd00:1::"))
-    for i in range(bindings):
+
+    def binding(i: int) -> tuple:
         mac = mac_bytes(f"52:54:00:fd:{(i % 64) >> 8:02x}:{i % 64:02x}")  # 64 VMs share them
         key = IpAddr.from_buffer_copy(bytes(10) + b"\xff\xff" + ipaddress.IPv4Address(base4 + i).packed) if i % 2 \
             else IpAddr.from_buffer_copy(ipaddress.IPv6Address(base6 + i).packed)
-        maps.bindings.update(key, Binding(mac=mac, last_seen_ns=now))
-    if full_mac_tables:  # up to full: the lab's own VMs already have a few entries
+        return key, Binding(mac=mac, last_seen_ns=now)
+
+    insert_until_full(maps.bindings, (binding(i) for i in range(bindings)))
+    if full_mac_tables:
         for table, prefix, size, value in ((maps.vm_macs, "52:54:00:fe", constants.MAX_VM_MACS, VmMac(now)),
                                            (maps.lan_macs, "02:4c:00:00", constants.MAX_LAN_MACS, LanMac(now))):
-            for i in range(size):
-                try:
-                    table.update(MacAddr(mac_bytes(f"{prefix}:{i >> 8:02x}:{i & 255:02x}")), value)
-                except bpfsys.BpfError as exc:
-                    if exc.errno != errno.E2BIG:
-                        raise
-                    break
+            insert_until_full(table, ((MacAddr(mac_bytes(f"{prefix}:{i >> 8:02x}:{i & 255:02x}")), value)
+                                      for i in range(size)))
+
+
+def insert_until_full(table, items) -> None:
+    for key, value in items:
+        try:
+            table.update(key, value)
+        except bpfsys.BpfError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            return
 
 
 def timed(*args: str) -> float:
