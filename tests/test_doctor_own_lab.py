@@ -14,6 +14,7 @@ import pytest
 from doctortest import LAPTOP, UPLINK, assert_only, doctor, finding, not_ok, system_root  # noqa: F401 (an autouse fixture)
 from macnat import lab
 from macnat.lab import MACNAT, RunningManager, ping
+from macnat.manager.duties.lan_side import NEIGHBOUR_INTERVAL
 from test_attach import VM1, wait_for
 
 
@@ -26,7 +27,8 @@ def test_a_second_uplink_in_the_bridge(fresh_lab, tmp_path):
     assert ping(LAPTOP, lab.ROUTER.ip)  # the host talks to its gateway, as a laptop does: macnat pins it ...
     assert lab.dhcp("vm1") and ping(VM1.ns, lab.ROUTER.ip)
     fdb = lambda: LAPTOP.run("bridge", "fdb", "show", "dev", UPLINK).stdout
-    assert wait_for(lambda: lab.ROUTER.mac in fdb(), timeout=5)  # ... to its uplink
+    # ... to its uplink, from the host's neighbour entry, which the manager reads every NEIGHBOUR_INTERVAL
+    assert wait_for(lambda: lab.ROUTER.mac in fdb(), timeout=3 * NEIGHBOUR_INTERVAL)
     lab.AP.run("nft", "add table bridge second; add chain bridge second forward { type filter hook forward priority -1; }; "
                'add rule bridge second forward iifname "p-second" drop; '
                'add rule bridge second forward iifname "air" oifname "p-second" drop')
@@ -36,8 +38,10 @@ def test_a_second_uplink_in_the_bridge(fresh_lab, tmp_path):
         LAPTOP.ip("link", "set", "eth9", "master", "vmbr0", "up")
         # The gateway's broadcast comes in on eth9: the bridge does not move the pinned (sticky) entry,
         # the datapath refuses the frame at the uplink, and the manager names the port it came from.
-        lab.ROUTER.ns.run("ping", "-b", "-c1", "-W1", "192.168.77.255", check=False)
-        assert wait_for(lambda: f"frames from eth9 with source MAC {lab.ROUTER.mac}" in manager.text(), timeout=5)
+        def gateway_broadcasts_and_manager_names_eth9() -> bool:
+            lab.ROUTER.ns.run("ping", "-b", "-c1", "-W1", "192.168.77.255", check=False)
+            return f"frames from eth9 with source MAC {lab.ROUTER.mac}" in manager.text()
+        assert wait_for(gateway_broadcasts_and_manager_names_eth9, timeout=15)
         assert wait_for(lambda: finding(doctor("wlan0", "vmbr0")[0], "bridge-uplink")["verdict"] == "error", timeout=10)
         report, status = doctor("wlan0", "vmbr0")
         uplink = finding(report, "bridge-uplink")
