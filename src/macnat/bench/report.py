@@ -204,9 +204,12 @@ def render(r: dict, plot_name: str) -> str:
     return "\n".join(out)
 
 
+FLOWS = [name for name, _, _ in cpu.FLOWS]
+FLOW_TITLES = {"tcp_up": "TCP VM->LAN", "tcp_down": "TCP LAN->VM", "udp_up": "UDP VM->LAN", "udp_down": "UDP LAN->VM"}
+
+
 def render_cpu(c: dict) -> list[str]:
-    flows = [name for name, _, _ in cpu.FLOWS]
-    titles = {"tcp_up": "TCP VM->LAN", "tcp_down": "TCP LAN->VM", "udp_up": "UDP VM->LAN", "udp_down": "UDP LAN->VM"}
+    flows, titles = FLOWS, FLOW_TITLES
     out = [
         "## 8. CPU per byte",
         "",
@@ -242,8 +245,7 @@ def render_cpu(c: dict) -> list[str]:
 
 
 def render_program_time(t: dict) -> list[str]:
-    flows = [name for name, _, _ in cpu.FLOWS]
-    titles = {"tcp_up": "TCP VM->LAN", "tcp_down": "TCP LAN->VM", "udp_up": "UDP VM->LAN", "udp_down": "UDP LAN->VM"}
+    flows, titles = FLOWS, FLOW_TITLES
     out = [
         "### Time inside macnat's programs",
         "",
