@@ -28,7 +28,7 @@ struct ip_addr {
  * left at zero: a limit of 0 means the default from constants.py. */
 struct macnat_config {
     unsigned char wifi_mac[6];
-    __u16 pad;
+    __u16 build;              /* the manager's: which source and constants built this datapath */
     __u32 wifi_ifindex;
     __u32 bridge_ifindex;
     __u32 uplink_ifindex;

@@ -4,6 +4,7 @@ laptop's namespace): VMs become full hosts of the emulated Wi-Fi LAN."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from macnat import lab
+from macnat import attachment, cli, lab, plumbing
 from macnat.attachment import RUN_DIR
+from macnat.datapath import Datapath
+from macnat.maps import OtherBuild
 from macnat.plumbing import uplink_names
 from macnat.lab import MACNAT, RunningManager, macnat, neighbours, ping
 from nettest import tcp_transfer
@@ -239,6 +242,39 @@ def test_kill_9_keeps_traffic_flowing_and_a_new_attach_adopts(attached, tmp_path
     assert "adopting the running datapath on wlan0" in successor.text()
     assert f"{leases['vm1']} at {VM1.mac}" in successor.text()
     assert set(leases.values()) <= set(table())
+
+
+def test_a_datapath_another_version_built_is_replaced_not_adopted(attached, tmp_path):
+    """An upgrade restarts the unit over the old version's datapath: same programs, tables that may mean
+    other things. The new manager replaces it, and the VMs are learned again from their next frames."""
+    manager, leases = attached
+    (status,) = json.loads(macnat("status", "--json").stdout)
+    manager.stop(signal.SIGKILL)
+    old = Datapath.from_ids(status["programs"])
+    plumbing.update_config(old.maps, build=old.maps.current_config().build ^ 1)   # as another version's
+    old.close()
+    successor = RunningManager(log=tmp_path / "successor.log")
+    manager.proc, manager.log = successor.proc, successor.log
+    assert "the datapath on wlan0 was built by another macnat version: replacing it" in successor.text()
+    assert "adopting" not in successor.text()
+    (fresh,) = json.loads(macnat("status", "--json").stdout)
+    assert set(fresh["programs"].values()).isdisjoint(status["programs"].values()), "compiled and attached anew"
+    for vm in (VM1, VM2):
+        assert ping(vm.ns, lab.LANHOST.ip, count=3)
+    assert set(leases.values()) <= set(table())
+    assert ping(lab.LANHOST.ns, leases["vm2"], count=3)
+
+
+def test_a_datapath_whose_tables_another_version_laid_out_is_taken_off_by_netlink(monkeypatch):
+    """Its tables cannot even be read (another layout): what it attached is found by name and removed."""
+    def other_layout(_ipr, _wifi):
+        raise OtherBuild("map 'config' has key/value sizes 4/48, this macnat expects 4/52")
+
+    removed = []
+    monkeypatch.setattr(attachment, "find", other_layout)
+    monkeypatch.setattr(attachment, "remove_other_build", lambda _ipr, wifi: removed.append(wifi))
+    assert cli.adopt_or_load(None, "wlan0", "vmbr0", None, logging.getLogger("test")) is None
+    assert removed == ["wlan0"]
 
 
 def test_table_filters_and_per_vm_rows(attached):

@@ -116,6 +116,14 @@ def find(ipr: IPRoute, wifi_name: str) -> Attachment | None:
     return Attachment(wifi_name, wifi, bridge, uplink, programs, maps, config, manager)
 
 
+def remove_other_build(ipr: IPRoute, wifi_name: str) -> None:
+    """Take off what another macnat version attached to the Wi-Fi interface, by netlink alone: its tables
+    are laid out otherwise and cannot be read (a clsact it created stays: nothing says it did)."""
+    wifi = netlink.find_link(ipr, wifi_name)
+    uplink = netlink.find_link(ipr, plumbing.uplink_names(wifi_name)[0])
+    loader.detach(wifi.index if wifi else None, uplink.index if uplink else None, created_clsact=False)
+
+
 def find_all(ipr: IPRoute) -> list[Attachment]:
     """Every attachment in this network namespace, and every manager waiting for its Wi-Fi interface."""
     names = {lk.name for lk in netlink.links(ipr) if "ingress" in plumbing.macnat_hooks(ipr, lk.index)}

@@ -114,7 +114,7 @@ def attach(
 
     from pyroute2 import IPRoute
 
-    from macnat import attachment, logs, netlink
+    from macnat import attachment, logs, netlink, plumbing
     from macnat.datapath import Datapath
     from macnat.manager import exec_manager
 
@@ -140,6 +140,7 @@ def attach(
                 bpf = compiling.result()
                 datapath = Datapath.from_bcc(bpf)
                 bpf.cleanup()  # the datapath holds its own descriptors now
+                plumbing.update_config(datapath.maps, build=loader.build_id())
                 if wifi_link and bridge_link:
                     loader.attach(ipr, wifi, settings.bridge, datapath)
                     log.info("attached to %s and %s", wifi, settings.bridge)
@@ -152,27 +153,56 @@ def attach(
     exec_manager(wifi, resolved, lock, datapath)
 
 
+# An upgrade restarts the unit over the old version's datapath, whose tables may mean other things.
+OTHER_BUILD = ("the datapath on %s was built by another macnat version: replacing it with this one's (the VMs' "
+               "bindings are learned again from their next frames)")
+
+
 def adopt_or_load(ipr, wifi: str, bridge: str, compiling, log):
     """The running datapath on `wifi` to adopt, or None when a fresh one must be loaded (a remnant the
     previous manager could not keep whole is removed first)."""
     from macnat import attachment, constants
-    from macnat.datapath import Datapath
+    from macnat.maps import OtherBuild
 
-    found = attachment.find(ipr, wifi)
+    try:
+        found = attachment.find(ipr, wifi)
+    except OtherBuild:
+        log.warning(OTHER_BUILD, wifi)
+        attachment.remove_other_build(ipr, wifi)
+        return None
     if found is None:
         return None
     try:
         if found.bridge is not None and found.bridge.name != bridge:
             raise MacnatError(f"'{wifi}' is attached to '{found.bridge.name}', not '{bridge}' (macnat detach {wifi} first)")
-        if set(found.programs) == set(constants.PROGRAMS):
+        if set(found.programs) != set(constants.PROGRAMS):
+            log.warning("the datapath on %s lost its %s program while no manager ran: replacing it with a fresh one",
+                        wifi, ", ".join(sorted(set(constants.PROGRAMS) - set(found.programs))))
+        elif (datapath := adoptable(found.programs)) is not None:
             log.info("adopting the running datapath on %s (its manager is gone)", wifi)
-            return Datapath.from_ids(found.programs)
-        log.warning("the datapath on %s lost its %s program while no manager ran: replacing it with a fresh one",
-                    wifi, ", ".join(sorted(set(constants.PROGRAMS) - set(found.programs))))
+            return datapath
+        else:
+            log.warning(OTHER_BUILD, wifi)
         found.detach()
         return None
     finally:
         found.close()
+
+
+def adoptable(programs: dict[str, int]):
+    """The running programs as a Datapath if this macnat built them (config[0].build), else None."""
+    from macnat import loader
+    from macnat.datapath import Datapath
+    from macnat.maps import OtherBuild
+
+    try:
+        datapath = Datapath.from_ids(programs)
+    except OtherBuild:
+        return None
+    if datapath.maps.current_config().build == loader.build_id():
+        return datapath
+    datapath.close()
+    return None
 
 
 @app.command()

@@ -12,6 +12,7 @@ the loaded programs' descriptors once they are attached.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import sys
@@ -59,6 +60,16 @@ def kernel_headers() -> Path:
         raise MacnatError(f"no kernel headers at {build}: install linux-headers-$(uname -r) "
                           "(proxmox-headers-$(uname -r) on Proxmox VE), or run ./setup.sh")
     return build
+
+
+def build_id() -> int:
+    """What the datapath is built from (its C sources and the constants handed to them), in 16 bits,
+    kept in config[0].build: a manager adopts only a datapath with its own build. Taken from the
+    files, so it costs no compile."""
+    digest = hashlib.sha256(repr(constants.cflags()).encode())
+    for path in sorted(bpf_source_dir().glob("*.[ch]")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return int.from_bytes(digest.digest()[:2], "little")
 
 
 def compile_datapath():

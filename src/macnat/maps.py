@@ -31,7 +31,7 @@ class IpAddr(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    _fields_ = [("wifi_mac", MacBytes), ("pad", u16), ("wifi_ifindex", u32), ("bridge_ifindex", u32),
+    _fields_ = [("wifi_mac", MacBytes), ("build", u16), ("wifi_ifindex", u32), ("bridge_ifindex", u32),
                 ("uplink_ifindex", u32), ("flags", u32), ("max_macs_per_port", u32), ("max_ipv4_per_port", u32),
                 ("max_ipv6_per_port", u32), ("max_dhcp_per_port", u32), ("events_per_port", u32)]
 
@@ -206,6 +206,10 @@ class Snapshot:
         return self.column(descriptor.offset, {8: "Q", 4: "I", 2: "H", 1: "B"}[descriptor.size])
 
 
+class OtherBuild(MacnatError):
+    """A running datapath that another macnat version built: its tables are not laid out as this one's."""
+
+
 class Map:
     """One BPF map with typed keys and values."""
 
@@ -217,9 +221,9 @@ class Map:
         self.max_entries = info.max_entries
         self._batches: bool | None = None  # whether BPF_MAP_LOOKUP_BATCH works on this map (tried once)
         if (info.key_size, info.value_size) != (ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)):
-            raise MacnatError(f"map '{name}' has key/value sizes {info.key_size}/{info.value_size}, this macnat "
-                              f"expects {ctypes.sizeof(self.key_type)}/{ctypes.sizeof(self.value_type)}: "
-                              "the attached datapath is from another macnat version; detach it first")
+            raise OtherBuild(f"map '{name}' has key/value sizes {info.key_size}/{info.value_size}, this macnat "
+                             f"expects {ctypes.sizeof(self.key_type)}/{ctypes.sizeof(self.value_type)}: "
+                             "the attached datapath is from another macnat version (macnat attach replaces it)")
 
     def _value_buffer(self):
         if self.percpu:
