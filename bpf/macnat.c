@@ -1336,7 +1336,8 @@ static __always_inline void note_lan_host(struct macnat_config *cfg, const struc
         touch(&mac->last_seen_ns, now);
     } else {
         struct lan_mac fresh_mac = { .last_seen_ns = now };
-        lan_macs.insert((struct mac_addr *)src, &fresh_mac);
+        if (lan_macs.insert((struct mac_addr *)src, &fresh_mac) == 0)
+            count(MACNAT_CNT_LEARNED_LAN_MAC);  /* the manager installs its FDB entry */
     }
     if (!ip || !lan_unicast(ip))
         return;

@@ -248,10 +248,11 @@ def test_arp_reply_for_a_vm_gets_its_mac_back(datapath):
     datapath.bind(VM_IP, VM_MAC)
     frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / ARP(op=2, hwsrc=LAN_MAC, psrc=LAN_IP, hwdst=WIFI_MAC, pdst=VM_IP))
     rc, out, moved = datapath.run("wifi_ingress", frame)
-    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1}
+    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1, "learned_lan_mac": 1}
     pkt = Ether(out)
     assert (pkt.dst, pkt[ARP].hwdst, pkt[ARP].hwsrc) == (VM_MAC, VM_MAC, LAN_MAC)
     assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None
+    assert datapath.run("wifi_ingress", frame)[2] == {"wifi_to_vm": 1}, "a LAN MAC is counted once, when new"
 
 
 def test_broadcast_from_wifi_reaches_the_vms_and_the_host(datapath):
@@ -263,17 +264,18 @@ def test_broadcast_from_wifi_reaches_the_vms_and_the_host(datapath):
         at_vm = [f for f in vm_side.drain(0.3) if f[:len(frame)] == frame]
     finally:
         vm_side.close()
-    assert rc == TC_ACT_OK and out == frame and moved == {"group_to_vms": 1}
+    assert rc == TC_ACT_OK and out == frame and moved == {"group_to_vms": 1, "learned_lan_mac": 1}
     assert len(at_vm) == 1
     assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None, "the asker's MAC is noted for the FDB"
 
 
 def test_host_traffic_from_wifi_is_untouched(datapath):
     datapath.bind(VM_IP, VM_MAC)
-    for frame in (bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IP(src=LAN_IP, dst=HOST_IP) / ICMP()),
-                  bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / ARP(op=1, hwsrc=LAN_MAC, psrc=LAN_IP, pdst=HOST_IP))):
+    for frame, noted in ((bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IP(src=LAN_IP, dst=HOST_IP) / ICMP()), {}),
+                         (bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / ARP(op=1, hwsrc=LAN_MAC, psrc=LAN_IP, pdst=HOST_IP)),
+                          {"learned_lan_mac": 1})):   # a LAN host's ARP notes its MAC
         rc, out, moved = datapath.run("wifi_ingress", frame)
-        assert rc == TC_ACT_OK and out == frame and moved == {"wifi_to_host": 1}
+        assert rc == TC_ACT_OK and out == frame and moved == {"wifi_to_host": 1, **noted}
 
 
 @pytest.mark.parametrize("frame, group", [
@@ -285,7 +287,8 @@ def test_host_traffic_from_wifi_is_untouched(datapath):
 def test_group_frames_an_ap_sent_as_unicast_are_restored(datapath, frame, group):
     frame = bytes(frame)
     rc, out, moved = datapath.run("wifi_ingress", frame)
-    assert rc == TC_ACT_OK and moved == {"group_restored": 1, "group_to_vms": 1}
+    noted = {"learned_lan_mac": 1} if ARP in Ether(frame) else {}   # a LAN host's ARP notes its MAC
+    assert rc == TC_ACT_OK and moved == {"group_restored": 1, "group_to_vms": 1, **noted}
     assert out == bytes(mac_bytes(group)) + frame[6:]
 
 
@@ -477,7 +480,7 @@ def test_unicast_neighbour_solicitation_for_a_vm_reaches_it(datapath):
     frame = bytes(Ether(src=LAN_MAC, dst=WIFI_MAC) / IPv6(src=LAN_IP6, dst=VM_IP6, hlim=255)
                   / ICMPv6ND_NS(tgt=VM_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=LAN_MAC))
     rc, out, moved = datapath.run("wifi_ingress", frame)
-    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1}
+    assert rc == TC_ACT_REDIRECT and moved == {"wifi_to_vm": 1, "learned_lan_mac": 1}
     assert out == bytes(mac_bytes(VM_MAC)) + frame[6:]
     assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None
 
@@ -524,7 +527,7 @@ def test_lan_solicitation_for_a_vm_notes_the_lan_mac(datapath):
     frame = bytes(Ether(src=LAN_MAC, dst="33:33:ff:00:01:01") / IPv6(src=LAN_IP6, dst="ff02::1:ff00:101", hlim=255)
                   / ICMPv6ND_NS(tgt=VM_IP6) / ICMPv6NDOptSrcLLAddr(lladdr=LAN_MAC))
     rc, _, moved = datapath.run("wifi_ingress", frame)
-    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1}
+    assert rc == TC_ACT_OK and moved == {"group_to_vms": 1, "learned_lan_mac": 1}
     assert datapath.maps.lan_macs.lookup(MacAddr(mac_bytes(LAN_MAC))) is not None
 
 

@@ -278,7 +278,7 @@ def test_an_address_the_lan_was_seen_using_is_refused(dp):
 def test_a_lan_host_using_a_vms_address_is_counted_and_the_binding_stays(dp):
     dp.bind(VM_IP, VM_MAC)
     run = dp.run("wifi_ingress", bytes(arp(LAN_MAC, VM_IP, pdst=HOST_IP)))
-    assert run.moved == {"lan_ip_conflict": 1, "group_to_vms": 1}
+    assert run.moved == {"lan_ip_conflict": 1, "group_to_vms": 1, "learned_lan_mac": 1}
     assert bound(dp, VM_IP) == VM_MAC
     assert ("lan_ip_conflict", VM_PORT, LAN_MAC, VM_MAC, VM_IP) in events(dp)
 

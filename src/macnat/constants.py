@@ -25,6 +25,7 @@ COUNTERS: dict[str, str] = {
     "wifi_to_host": "Wi-Fi frames passed to the host untouched",
     "learned_mac": "new VM MACs learned (each on the bridge port it was first seen on)",
     "learned_ip": "new VM address bindings learned (IPv4 and IPv6)",
+    "learned_lan_mac": "new LAN host MACs noted (from the LAN's ARP and NDP), for the bridge's FDB",
     "moved_ip": "bindings moved to another VM by a DHCPACK answering that VM's own request",
     "dad_conflict": "LAN hosts probing (DAD) an address bound to a VM: the binding is dropped until the VM defends it",
     "refused_host_ip": "VM frames dropped: they claim an address of the host (a DAD probe goes on, for the host to answer)",

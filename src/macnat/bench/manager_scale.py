@@ -24,7 +24,7 @@ from macnat.datapath import Datapath
 from macnat.manager.clock import monotonic_ns
 from macnat.manager.duties import ageing
 from macnat.manager.state import State
-from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes
+from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes, u32
 from macnat.netlink import Link
 
 SIZES = (10, 1000, constants.MAX_BINDINGS)
@@ -60,6 +60,16 @@ def fill(maps, bindings: int, full_mac_tables: bool) -> None:
                                            (maps.lan_macs, "02:4c:00:00", constants.MAX_LAN_MACS, LanMac(now))):
             insert_until_full(table, ((MacAddr(mac_bytes(f"{prefix}:{i >> 8:02x}:{i & 255:02x}")), value)
                                       for i in range(size)))
+        count(maps, "learned_lan_mac", constants.MAX_LAN_MACS)
+
+
+def count(maps, name: str, n: int) -> None:
+    """Add `n` to a datapath counter, as the datapath counts what it learns (the manager looks at the
+    tables when their counters move)."""
+    counters, key = maps.by_name["counters"], u32(constants.COUNTER_INDEX[name])
+    per_cpu = counters.lookup(key)
+    per_cpu[0] += n
+    counters.update(key, per_cpu)
 
 
 def insert_until_full(table, items) -> None:

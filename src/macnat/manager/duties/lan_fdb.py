@@ -3,6 +3,9 @@
 The bridge never learns LAN MACs on the uplink (frames from Wi-Fi are redirected into its transmit
 path), so without these entries it would flood every VM frame for the gateway to every VM port. The
 entries go with the port when it leaves the bridge: UplinkReady puts them all back.
+
+The table is read when the datapath counted a new LAN MAC (learned_lan_mac), or to age it (every
+tenth of `age`): an idle laptop's manager does not scan it every second.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ class LanFdb(Periodic):
     def __init__(self):
         super().__init__(interval=1.0)
         self.installed: set[bytes] = set()   # LAN MACs with an FDB entry on the uplink
+        self.learned: int | None = None       # learned_lan_mac when the table was last read
+        self.next_ageing = 0.0
 
     def handle(self, event, state) -> None:
         if isinstance(event, events.Started) and state.uplink:
@@ -31,10 +36,17 @@ class LanFdb(Periodic):
             for mac in self.installed:
                 netlink.fdb_del(state.ipr, state.uplink.index, mac_str(mac))
             self.installed = set()
+        if isinstance(event, (events.GatewaysPinned, events.NetworkChanged)):
+            self.learned = None  # the manager's own entries (the gateways' MACs) are not counted
 
     def run(self, now: float, state) -> None:
         if state.uplink is None:
             return
+        learned = state.maps.counter_total("learned_lan_mac")
+        if learned == self.learned and now < self.next_ageing:
+            return
+        self.learned = learned
+        self.next_ageing = now + max(1.0, state.settings.age / 10)
         age_ns = state.settings.age * 1e9
         now_ns = monotonic_ns()
         table = state.maps.lan_macs.snapshot()
