@@ -14,7 +14,6 @@ import pytest
 from doctortest import LAPTOP, UPLINK, assert_only, doctor, finding, not_ok, system_root  # noqa: F401 (an autouse fixture)
 from macnat import lab
 from macnat.lab import MACNAT, RunningManager, ping
-from macnat.manager.duties.lan_side import NEIGHBOUR_INTERVAL
 from test_attach import VM1, wait_for
 
 
@@ -27,8 +26,8 @@ def test_a_second_uplink_in_the_bridge(fresh_lab, tmp_path):
     assert ping(LAPTOP, lab.ROUTER.ip)  # the host talks to its gateway, as a laptop does: macnat pins it ...
     assert lab.dhcp("vm1") and ping(VM1.ns, lab.ROUTER.ip)
     fdb = lambda: LAPTOP.run("bridge", "fdb", "show", "dev", UPLINK).stdout
-    # ... to its uplink, from the host's neighbour entry, which the manager reads every NEIGHBOUR_INTERVAL
-    assert wait_for(lambda: lab.ROUTER.mac in fdb(), timeout=3 * NEIGHBOUR_INTERVAL)
+    # ... to its uplink, once the host's neighbour entry for it says its MAC (an RTM_NEWNEIGH)
+    assert wait_for(lambda: lab.ROUTER.mac in fdb(), timeout=10)
     lab.AP.run("nft", "add table bridge second; add chain bridge second forward { type filter hook forward priority -1; }; "
                'add rule bridge second forward iifname "p-second" drop; '
                'add rule bridge second forward iifname "air" oifname "p-second" drop')

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from macnat import config, constants
+from macnat import config, constants, netns
 from macnat.manager import events
-from macnat.manager.duties import ageing, bindings_log, network_change, notify, statics
+from macnat.manager import sources
+from macnat.manager.duties import ageing, bindings_log, lan_side, network_change, notify, statics
 from macnat.manager.loop import Loop
 from macnat.manager.state import State
 from macnat.maps import Binding, Config, LanMac, MacAddr, Snapshot, VmMac, ip_key, ip_str, mac_bytes, mac_str
@@ -290,3 +291,54 @@ def test_a_first_network_is_identified_at_once_and_completed_later(state, monkey
     monkeypatch.setattr(network_change, "current_network", lambda _state: HOME)
     duty.judge(time.monotonic(), state)
     assert state.network == HOME and [type(e) for e in state.posted] == [events.NetworkIdentified]
+
+
+# ---- lan_side ---------------------------------------------------------------------------
+
+GATEWAY, GATEWAY_MAC = "192.168.77.1", "02:4d:4e:00:00:01"
+
+
+def test_the_gateways_mac_is_pinned_when_the_host_resolves_it(state, monkeypatch):
+    duty = lan_side.LanSide()
+    monkeypatch.setattr(lan_side.netlink, "onlink_prefixes", lambda _ipr, _index: set())
+    resolved: dict[str, str | None] = {GATEWAY: None}
+    looked = []
+    monkeypatch.setattr(lan_side.netlink, "gateways", lambda _ipr, _index: looked.append(1) or dict(resolved))
+    duty.handle(events.Started(), state)
+    assert duty.pinned == {GATEWAY: None} and not state.maps.lan_macs.items()
+    duty.handle(events.NeighbourChanged(WIFI.index, "192.168.77.50", removed=False), state)   # another LAN host
+    duty.handle(events.NeighbourChanged(BRIDGE.index, GATEWAY, removed=False), state)          # not on the Wi-Fi
+    assert len(looked) == 1, "only the gateway's own neighbour entry on the Wi-Fi is looked at"
+    resolved[GATEWAY] = GATEWAY_MAC
+    duty.handle(events.NeighbourChanged(WIFI.index, GATEWAY, removed=False), state)
+    (mac_key, lan_mac), = state.maps.lan_macs.items()
+    assert mac_str(mac_key.addr) == GATEWAY_MAC and lan_mac.flags & constants.LAN_PINNED
+
+
+def test_the_lan_sides_timer_only_ages(state, monkeypatch):
+    duty = lan_side.LanSide()
+    monkeypatch.setattr(lan_side.netlink, "gateways", lambda *_: pytest.fail("no netlink on the timer"))
+    state.maps.lan_addrs.update(ip_key("192.168.77.50"), lan_side.LanAddr(last_seen_ns=1))
+    duty.on_timer(time.monotonic(), state)
+    assert not state.maps.lan_addrs.items()
+    assert duty.due() >= time.monotonic() + state.settings.age / 10 - 1
+
+
+def test_rtnetlink_reports_ip_neighbours_and_not_bridge_fdb_entries():
+    ns = netns.Namespace.create(f"{netns.PREFIX}test-rtnl")
+    try:
+        ns.ip("link", "add", "br9", "type", "bridge")
+        ns.ip("link", "add", "d9", "type", "veth", "peer", "name", "d9p")
+        ns.ip("link", "set", "d9", "master", "br9", "up")
+        with ns.entered():
+            source = sources.Rtnetlink()
+        index = int(ns.run("cat", "/sys/class/net/d9/ifindex").stdout)
+        ns.ip("neigh", "add", "192.168.77.1", "lladdr", GATEWAY_MAC, "dev", "d9")
+        ns.run("bridge", "fdb", "add", "02:4d:4e:00:00:99", "dev", "d9", "master", "static")
+        ns.ip("neigh", "del", "192.168.77.1", "dev", "d9")
+        found = [e for e in source.read() if isinstance(e, events.NeighbourChanged)]
+        source.close()
+        assert {(e.index, e.address) for e in found} == {(index, "192.168.77.1")}, "no FDB entry among them"
+        assert (found[0].removed, found[-1].removed) == (False, True)
+    finally:
+        ns.delete()

@@ -61,6 +61,16 @@ class RouteChanged:
 
 
 @dataclass(frozen=True)
+class NeighbourChanged:
+    """RTM_NEWNEIGH or RTM_DELNEIGH of an IPv4 or IPv6 neighbour (the host resolved, refreshed or
+    forgot one: its gateway's MAC among them)."""
+
+    index: int
+    address: str
+    removed: bool
+
+
+@dataclass(frozen=True)
 class FiltersChanged:
     """A qdisc or filter was added or removed on a device (someone may have removed macnat's)."""
 
@@ -130,6 +140,13 @@ class NetworkChanged:
 
     old: object
     new: object
+
+
+@dataclass(frozen=True)
+class GatewaysPinned:
+    """The gateways pinned on the LAN side changed (address -> MAC, None until resolved)."""
+
+    gateways: dict
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import struct
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nl80211 import nl80211cmd
 from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
-                                   RTMGRP_LINK, RTMGRP_TC)
+                                   RTMGRP_LINK, RTMGRP_NEIGH, RTMGRP_TC)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from macnat import netlink
@@ -68,9 +68,10 @@ class NetlinkSource:
 
 
 class Rtnetlink(NetlinkSource):
-    """Link, address, main-table route and tc changes in this network namespace."""
+    """Link, address, main-table route, IP neighbour and tc changes in this network namespace."""
 
-    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_TC
+    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_TC \
+        | RTMGRP_NEIGH
 
     def __init__(self):
         super().__init__(socket.NETLINK_ROUTE, self.GROUPS)
@@ -89,6 +90,9 @@ class Rtnetlink(NetlinkSource):
                                          removed=kind == "RTM_DELADDR")
         if kind in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg.get("table") == RT_TABLE_MAIN:
             return events.RouteChanged(msg["family"], removed=kind == "RTM_DELROUTE")
+        if kind in ("RTM_NEWNEIGH", "RTM_DELNEIGH") and msg["family"] in (socket.AF_INET, socket.AF_INET6):
+            # the group also carries every bridge FDB change (AF_BRIDGE): not a neighbour of this host
+            return events.NeighbourChanged(msg["ifindex"], msg.get("NDA_DST"), removed=kind == "RTM_DELNEIGH")
         if kind in ("RTM_NEWQDISC", "RTM_DELQDISC", "RTM_NEWTFILTER", "RTM_DELTFILTER"):
             return events.FiltersChanged(msg["index"])
         return None

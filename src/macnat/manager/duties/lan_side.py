@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 
 from macnat import constants, netlink, plumbing
 from macnat.logs import event
 from macnat.manager import events
 from macnat.manager.clock import monotonic_ns
-from macnat.manager.duties import Periodic
+from macnat.manager.duties import Duty
 from macnat.maps import (IPV4_MAPPED_PREFIX, Binding, IpAddr, LanAddr, LanMac, MacAddr, OnlinkKey, OnlinkPrefix,
                          ip_key, ip_str, mac_bytes, mac_str)
 
 log = logging.getLogger("macnat")
-NEIGHBOUR_INTERVAL = 5.0   # the host resolves its gateway's MAC without an event macnat listens to
 
 
 def onlink_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> OnlinkKey:
@@ -93,11 +93,12 @@ def pin_gateway(maps, ip: str, mac: str | None, now_ns: int) -> list[str]:
     return removed
 
 
-class LanSide(Periodic):
+class LanSide(Duty):
+    """Follows the host's addresses, routes and neighbours by their events; its timer only ages."""
+
     def __init__(self):
-        super().__init__(interval=NEIGHBOUR_INTERVAL)
         self.pinned: dict[str, str | None] = {}   # gateway -> its MAC, as last pinned
-        self.next_ageing = 0.0
+        self.next_ageing = time.monotonic()
 
     def handle(self, event_, state) -> None:
         if isinstance(event_, events.NetworkChanged):
@@ -105,14 +106,17 @@ class LanSide(Periodic):
         wifi_index = state.wifi.index if state.wifi else None
         if isinstance(event_, (events.Started, events.WifiAttached, events.RouteChanged, events.Overrun,
                                events.NetworkChanged)) or (
-                isinstance(event_, events.AddressChanged) and event_.index == wifi_index):
+                isinstance(event_, events.AddressChanged) and event_.index == wifi_index) or (
+                isinstance(event_, events.NeighbourChanged) and event_.index == wifi_index
+                and event_.address in self.pinned):
             self.follow(state)
 
-    def run(self, now: float, state) -> None:
-        self.follow(state)
-        if now >= self.next_ageing:
-            self.next_ageing = now + max(1.0, state.settings.age / 10)
-            age_lan_addresses(state.maps, monotonic_ns(), state.settings.age * 1e9)
+    def due(self) -> float:
+        return self.next_ageing
+
+    def on_timer(self, now: float, state) -> None:
+        self.next_ageing = now + max(1.0, state.settings.age / 10)
+        age_lan_addresses(state.maps, monotonic_ns(), state.settings.age * 1e9)
 
     def follow(self, state) -> None:
         if state.wifi is None:
@@ -135,6 +139,7 @@ class LanSide(Periodic):
             if mac and mac not in gateways.values():
                 self.unpin(state.maps.lan_macs, MacAddr(mac_bytes(mac)))
         self.pinned = dict(gateways)
+        state.post(events.GatewaysPinned(dict(gateways)))
         if removed:
             state.post(events.BindingsRemoved(tuple(removed)))
 
