@@ -16,6 +16,9 @@ from macnat.logs import event
 from macnat.manager import events
 
 log = logging.getLogger("macnat")
+# Timers due this close together run in one wake-up (they then stay together): an idle manager wakes
+# about once a second, not once per duty.
+TIMER_SLACK = 0.1
 
 
 class Loop:
@@ -60,7 +63,7 @@ class Loop:
         now = time.monotonic()
         for duty in self.duties:
             due = duty.due()
-            if due is not None and due <= now:
+            if due is not None and due <= now + TIMER_SLACK:
                 try:
                     duty.on_timer(now, self.state)
                 except Exception:

@@ -24,7 +24,10 @@ log = logging.getLogger("macnat")
 
 
 class Plumbing(Duty):
-    HEALTH_INTERVAL = 10.0   # a reconcile now and then also catches changes whose events were lost
+    # Every change this duty repairs comes as an event, and lost events come as an Overrun (the
+    # kernel reports ENOBUFS); the reconcile on a timer is only the last resort, so it is rare:
+    # an idle laptop's manager should cost next to nothing.
+    HEALTH_INTERVAL = 60.0
 
     def __init__(self):
         self.next_check = time.monotonic() + self.HEALTH_INTERVAL
@@ -71,12 +74,13 @@ class Plumbing(Duty):
 
     # ---- the reconcile ---------------------------------------------------------------------
     def reconcile(self, state) -> None:
-        self.reconcile_wifi(state)
-        self.reconcile_bridge_side(state)
+        present = {lk.name: lk for lk in netlink.links(state.ipr)}   # one dump for all the lookups
+        self.reconcile_wifi(state, present)
+        self.reconcile_bridge_side(state, present)
 
-    def reconcile_wifi(self, state) -> None:
+    def reconcile_wifi(self, state, present: dict[str, netlink.Link]) -> None:
         ipr, maps = state.ipr, state.maps
-        wifi = self.usable(netlink.find_link(ipr, state.wifi_name), lambda lk: loader.check_wifi(ipr, lk))
+        wifi = self.usable(present.get(state.wifi_name), lambda lk: loader.check_wifi(ipr, lk))
         config = maps.current_config()
         if wifi is None:
             if state.wifi is not None or config.wifi_ifindex:
@@ -126,13 +130,14 @@ class Plumbing(Duty):
             netlink.fdb_del(state.ipr, state.uplink.index, old)
         netlink.fdb_set(state.ipr, state.uplink.index, new)
 
-    def reconcile_bridge_side(self, state) -> None:
+    def reconcile_bridge_side(self, state, present: dict[str, netlink.Link]) -> None:
         ipr, maps = state.ipr, state.maps
         bridge_name = state.settings.bridge
-        bridge = self.usable(netlink.find_link(ipr, bridge_name), loader.check_bridge)
+        bridge = self.usable(present.get(bridge_name), loader.check_bridge)
         config = maps.current_config()
         port_name, peer_name = plumbing.uplink_names(state.wifi_name)
-        uplink, peer = netlink.find_link(ipr, port_name), netlink.find_link(ipr, peer_name)
+        uplink, peer = present.get(port_name), present.get(peer_name)
+        changed = False
         if bridge is None:
             if state.bridge is not None or config.bridge_ifindex:
                 plumbing.update_config(maps, bridge_ifindex=0)
@@ -149,6 +154,7 @@ class Plumbing(Duty):
             uplink = plumbing.create_uplink(ipr, state.wifi_name, bridge)
             plumbing.attach_uplink(ipr, uplink.index, state.datapath.programs)
             plumbing.set_up(ipr, uplink)
+            changed = True
             if config.uplink_ifindex:
                 event("uplink_repaired", f"re-created the uplink {port_name} in {bridge_name} (it had been deleted)",
                       level=logging.WARNING, uplink=port_name, bridge=bridge_name, repair="re-created")
@@ -160,6 +166,7 @@ class Plumbing(Duty):
                       level=logging.WARNING, uplink=port_name, repair="filter")
             if uplink.master != bridge.index or uplink.mtu != bridge.mtu:
                 plumbing.enslave(ipr, uplink, bridge)
+                changed = True
                 if uplink.master != bridge.index:
                     why = "" if uplink.master else ", as `ifreload -a` does with ports it does not know"
                     event("uplink_repaired", f"put {port_name} back into {bridge_name} (it had been taken out{why})",
@@ -167,7 +174,9 @@ class Plumbing(Duty):
                     ready = True
             if not uplink.up and state.stepped_aside is None:
                 plumbing.set_up(ipr, uplink)
-        uplink = netlink.link(ipr, port_name)
+                changed = True
+        if changed:
+            uplink = netlink.link(ipr, port_name)
         bridge_ifindex = 0 if state.stepped_aside else bridge.index  # see duties.docking
         if config.bridge_ifindex != bridge_ifindex or config.uplink_ifindex != uplink.index:
             plumbing.update_config(maps, bridge_ifindex=bridge_ifindex, uplink_ifindex=uplink.index)
