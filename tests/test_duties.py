@@ -282,14 +282,18 @@ def test_config_example_reads_back(tmp_path):
 
 
 def test_a_first_network_is_identified_at_once_and_completed_later(state, monkeypatch):
-    """The lab's laptop never talks to its router: its MAC is looked for again later, not waited for."""
+    """The lab's laptop never talks to its router: its MAC completes the network when the host resolves it."""
     duty = network_change.NetworkChange()
     partial = replace(HOME, gateway_mac=None)
     monkeypatch.setattr(network_change, "current_network", lambda _state: partial)
     duty.judge(time.monotonic(), state)
-    assert state.network == partial and duty.check_at is not None
+    assert state.network == partial and duty.check_at is None, "nothing polls for the gateway's MAC"
+    duty.handle(events.NeighbourChanged(WIFI.index, "192.168.77.50", removed=False), state)
+    assert duty.check_at is None, "another LAN host's neighbour entry says nothing of the gateway"
+    duty.handle(events.NeighbourChanged(WIFI.index, HOME.gateway, removed=False), state)
+    assert duty.check_at is not None, "the host resolved the gateway: judged again at once"
     monkeypatch.setattr(network_change, "current_network", lambda _state: HOME)
-    duty.judge(time.monotonic(), state)
+    duty.on_timer(time.monotonic(), state)
     assert state.network == HOME and [type(e) for e in state.posted] == [events.NetworkIdentified]
 
 

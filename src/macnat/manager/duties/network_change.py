@@ -27,7 +27,6 @@ from macnat.manager.duties import Duty
 log = logging.getLogger("macnat")
 SETTLE = 1.0            # seconds of quiet after an address or route change before the network is judged
 GATEWAY_MAC_WAIT = 10.0  # seconds to wait for the host's default route and its gateway's MAC
-REFRESH = 30.0          # seconds between looks for what the host had not resolved of its network
 BOUNCE_DOWN = 1.5       # seconds a VM port stays down: long enough for guests to see the carrier go
 HOOK_TIMEOUT = 60.0
 
@@ -90,6 +89,9 @@ class NetworkChange(Duty):
             self.schedule(SETTLE)
         elif isinstance(event_, events.RouteChanged) and event_.family == socket.AF_INET:
             self.schedule(SETTLE)
+        elif isinstance(event_, events.NeighbourChanged) and event_.index == wifi_index and state.network \
+                and not state.network.complete and event_.address == state.network.gateway:
+            self.schedule(0.0)  # the host resolved the gateway: its MAC completes the network
 
     def schedule(self, delay: float) -> None:
         self.check_at = time.monotonic() + delay
@@ -130,8 +132,6 @@ class NetworkChange(Duty):
             if merged.ssid != known.ssid and known.ssid:
                 log.info("now on '%s', the same network as '%s' (%s)", merged.ssid, known.ssid, merged.subnet)
             state.network = merged
-        if not state.network.complete and self.check_at is None:
-            self.check_at = now + REFRESH  # the gateway's MAC is what tells two homes on 192.168.1.0/24 apart
 
     def wait_for_more(self, now: float) -> bool:
         """Judge again soon, for a while, when the host has not resolved all of its network yet."""
