@@ -33,18 +33,23 @@ def binding_counts(table: Snapshot) -> dict[tuple[str, str], int]:
 def binding_rows(maps: Maps, wifi: str) -> list[dict]:
     """One row per binding, sorted by family and address."""
     table = maps.bindings.snapshot()
-    columns = {name: table.field(name, Binding) for name in ("mac", "flags", "last_seen_ns", *COUNTERS)}
-    names = {mac: mac_str(mac) for mac in set(columns["mac"])}
+    keys = table.key_list()
+    macs, flags, seen, tx_packets, tx_bytes, rx_packets, rx_bytes = (
+        table.field(name, Binding) for name in ("mac", "flags", "last_seen_ns", *COUNTERS))
+    names = {mac: mac_str(mac) for mac in set(macs)}
     now = monotonic_ns()
     rows = []
-    for i, key in sorted(enumerate(table.key_list()), key=lambda item: (item[1][:12] != IPV4_MAPPED_PREFIX, item[1])):
+    # Raw key order is family order: IPv4 keys are mapped (::ffff:0:0/96), and no VM may bind an
+    # IPv6 address in ::/8 (the datapath refuses it for exactly that reason).
+    for i in sorted(range(len(keys)), key=keys.__getitem__):
+        key = keys[i]
         ipv4 = key[:12] == IPV4_MAPPED_PREFIX
         rows.append({
             "ip": socket.inet_ntop(socket.AF_INET, key[12:]) if ipv4 else socket.inet_ntop(socket.AF_INET6, key),
-            "family": "ipv4" if ipv4 else "ipv6", "mac": names[columns["mac"][i]],
-            "kind": "static" if columns["flags"][i] & constants.BINDING_STATIC else "learned",
-            "last_seen_s": round(max(0, now - columns["last_seen_ns"][i]) / 1e9, 1), "wifi": wifi,
-            **{name: columns[name][i] for name in COUNTERS},
+            "family": "ipv4" if ipv4 else "ipv6", "mac": names[macs[i]],
+            "kind": "static" if flags[i] & constants.BINDING_STATIC else "learned",
+            "last_seen_s": round(max(0, now - seen[i]) / 1e9, 1), "wifi": wifi,
+            "tx_packets": tx_packets[i], "tx_bytes": tx_bytes[i], "rx_packets": rx_packets[i], "rx_bytes": rx_bytes[i],
         })
     return rows
 
