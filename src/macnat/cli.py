@@ -161,11 +161,12 @@ OTHER_BUILD = ("the datapath on %s was built by another macnat version: replacin
 def adopt_or_load(ipr, wifi: str, bridge: str, compiling, log):
     """The running datapath on `wifi` to adopt, or None when a fresh one must be loaded (a remnant the
     previous manager could not keep whole is removed first)."""
-    from macnat import attachment, constants
+    from macnat import attachment, constants, loader
+    from macnat.datapath import Datapath
     from macnat.maps import OtherBuild
 
     try:
-        found = attachment.find(ipr, wifi)
+        found = attachment.find(ipr, wifi)  # reads config[0]: the tables' layout is checked there
     except OtherBuild:
         log.warning(OTHER_BUILD, wifi)
         attachment.remove_other_build(ipr, wifi)
@@ -178,31 +179,15 @@ def adopt_or_load(ipr, wifi: str, bridge: str, compiling, log):
         if set(found.programs) != set(constants.PROGRAMS):
             log.warning("the datapath on %s lost its %s program while no manager ran: replacing it with a fresh one",
                         wifi, ", ".join(sorted(set(constants.PROGRAMS) - set(found.programs))))
-        elif (datapath := adoptable(found.programs)) is not None:
+        elif found.config.build == loader.build_id():
             log.info("adopting the running datapath on %s (its manager is gone)", wifi)
-            return datapath
+            return Datapath.from_ids(found.programs)
         else:
             log.warning(OTHER_BUILD, wifi)
         found.detach()
         return None
     finally:
         found.close()
-
-
-def adoptable(programs: dict[str, int]):
-    """The running programs as a Datapath if this macnat built them (config[0].build), else None."""
-    from macnat import loader
-    from macnat.datapath import Datapath
-    from macnat.maps import OtherBuild
-
-    try:
-        datapath = Datapath.from_ids(programs)
-    except OtherBuild:
-        return None
-    if datapath.maps.current_config().build == loader.build_id():
-        return datapath
-    datapath.close()
-    return None
 
 
 @app.command()
