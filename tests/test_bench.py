@@ -2,8 +2,10 @@
 
 import re
 import subprocess
+import time
 
 from macnat import lab
+from macnat.bench import cpu
 from macnat.lab import MACNAT
 
 
@@ -26,3 +28,14 @@ def test_quick_benchmark_writes_a_report_and_a_plot(tmp_path):
     assert "| Wi-Fi interface deleted and created again: back -> next reply |" in report
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not lab.is_up(), "the benchmark removes its lab"
+
+
+def test_busy_time_never_runs_backwards_while_the_machine_idles():
+    """cpuidle credits an idle period when the CPU wakes from it: read from another CPU, a sleeping one
+    looked busy, then gave that time back at once (busy time swung from -1 to +1 CPU-second per second)."""
+    readings = []
+    for _ in range(40):
+        readings.append(cpu.busy_seconds())
+        time.sleep(0.05)
+    steps = [later - earlier for earlier, later in zip(readings, readings[1:])]
+    assert min(steps) > -0.001, steps

@@ -4,13 +4,19 @@ where the scheduler puts iperf3 and the softirqs (throughput on 2 cores swings b
 At a fixed offered rate that every setup sustains (iperf3 -b), the whole machine's busy CPU time
 (all CPUs: the time they were not idle) during the transfer, minus what the machine spent in the same
 time without the transfer just before, per gigabyte received. Sender, receiver and the forwarding all
-run on this one kernel, so the difference between setups is their forwarding path. Paired,
-interleaved rounds; the ratio is per round to (a), plain bridging.
+run on this one kernel, so the difference between setups is their forwarding path. iperf3's sender
+and receiver share one CPU (iperf3 -A), and with them the softirqs that carry each frame the whole
+way: veth hands a frame on in the CPU that sent it. Waking a receiver on the other CPU is an
+inter-processor interrupt, which a virtual machine pays for with an exit to its hypervisor, at a
+cost that depends on how long that CPU had slept (in perf, the receiver's wake-up was 3.6% of one UDP
+transfer's samples and 8.0% of the next). Paired, interleaved rounds; the ratio is per round to (a),
+plain bridging.
 
-Busy time is wall time minus the time cpuidle measured each CPU in its idle states (microseconds,
-taken at every idle entry and exit). /proc/stat is the fallback on a machine without a cpuidle
-driver: with tick-based accounting it charges each whole tick to whatever ran at that instant, too
-coarse for a TCP transfer, which GSO makes cheap per byte.
+Busy time is wall time minus the time cpuidle measured each CPU in its idle states (microseconds),
+read on each CPU in turn: cpuidle adds an idle period to the count only when the CPU wakes from it.
+/proc/stat is the fallback on a machine without a cpuidle driver: with tick-based accounting it
+charges each whole tick to whatever ran at that instant, too coarse for a TCP transfer, which GSO
+makes cheap per byte.
 """
 
 from __future__ import annotations
@@ -25,32 +31,53 @@ from macnat import lab
 from macnat.bench import setups, traffic
 
 TICKS = os.sysconf("SC_CLK_TCK")
-TCP_RATE = "5G"          # bits/s: every setup moves more than this in the lab (10-14 Gbit/s), and the
-                         # transfer stands well above what else the machine does meanwhile
+TCP_RATE = "5G"          # bits/s: every setup moves this on one CPU in the lab, using about half of it,
+                         # and the transfer stands well above what else the machine does meanwhile
 UDP_RATE = "400M"
 UDP_LENGTH = 1400        # bytes of payload: full-size datagrams, so the rate is sustainable
 IDLE_BASELINE_S = 2.0    # the machine's own busy rate, measured before each transfer
+TRANSFER_CPU = max(os.sched_getaffinity(0))   # where iperf3's sender, receiver and their softirqs run
 FLOWS = (("tcp_up", "tcp", False), ("tcp_down", "tcp", True), ("udp_up", "udp", False), ("udp_down", "udp", True))
 
 
-CPUIDLE_TIMES = sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpuidle/state[0-9]*/time"))
-CLOCK = "cpuidle" if CPUIDLE_TIMES else "/proc/stat"
-CPUS = len({path.parts[5] for path in CPUIDLE_TIMES})   # the cpuN directories with idle states
+def _idle_state_times() -> dict[int, list[Path]]:
+    """Each CPU's cpuidle residency counters (microseconds in each idle state), by CPU number."""
+    times: dict[int, list[Path]] = {}
+    for path in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpuidle/state[0-9]*/time")):
+        times.setdefault(int(path.parts[5][3:]), []).append(path)
+    return times
+
+
+IDLE_STATE_TIMES = _idle_state_times()
+CLOCK = "cpuidle" if IDLE_STATE_TIMES else "/proc/stat"
 
 
 def busy_seconds() -> float:
     """CPU time spent not idle, summed over the CPUs, since some fixed instant (only differences count)."""
-    if CPUIDLE_TIMES:
-        return time.monotonic() * CPUS - sum(int(path.read_text()) for path in CPUIDLE_TIMES) / 1e6
+    if IDLE_STATE_TIMES:
+        return sum(_busy_on(cpu, paths) for cpu, paths in IDLE_STATE_TIMES.items())
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, idle, iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+def _busy_on(cpu: int, state_times: list[Path]) -> float:
+    """One CPU's busy time, read on that CPU. cpuidle adds an idle period to its state's time only when
+    the CPU leaves it, so read from elsewhere a CPU idle for the past second looks busy for that second
+    (and the second comes back at its next wake-up). Running there, this thread is what keeps it awake."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return time.monotonic() - sum(int(path.read_text()) for path in state_times) / 1e6
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def transfer(kind: str, reverse: bool, seconds: int) -> tuple[float, float]:
     """(busy CPU seconds beyond the idle baseline, bytes received) for one fixed-rate transfer vm1 <-> LAN host."""
     vm1, lanhost = lab.VMS["vm1"].ns, lab.LANHOST
     extra = ["-b", TCP_RATE] if kind == "tcp" else ["-u", "-b", UDP_RATE, "-l", str(UDP_LENGTH)]
+    extra += ["-A", f"{TRANSFER_CPU},{TRANSFER_CPU}"]
     if reverse:
         extra.append("-R")
     before, started = busy_seconds(), time.monotonic()
