@@ -20,7 +20,8 @@ The "air" port models a 3-address association: from the station the AP accepts o
 source MAC is the associated station's (mac80211 puts the Ethernet source into the transmitter
 address, and an AP drops frames from transmitters that are not associated); towards the station it
 delivers unicast only when addressed to the station (group frames always). Each rule counts what it
-drops. With the filter off the AP behaves like a 4-address (WDS) AP, where plain bridging works.
+drops. With the filter off the AP behaves like a 4-address (WDS) AP, where plain bridging works: the
+same rules accept the lab's VMs' MACs behind the station as well, so both kinds cost the same per frame.
 `mcast_to_ucast` models APs that deliver group frames as unicast to the station's MAC.
 
 The laptop's Wi-Fi events are knobs too: flap() (down and up, as suspend/resume or rfkill do),
@@ -355,6 +356,8 @@ def add_vm(name: str, mac: str, port: str | None = None) -> Host:
         vm.ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
     VMS[name] = vm
     plug_vm(name, port)
+    if not current_knobs().ap_filter:
+        set_ap(current_knobs())   # a 4-address AP accepts the new VM's MAC too
     return vm
 
 
@@ -573,10 +576,12 @@ def set_ap(knobs: Knobs) -> None:
     if knobs.chaddr_check:  # BOOTP chaddr: 28 bytes into the message, after the 8-byte UDP header
         station = "0x" + knobs.station_mac.replace(":", "")
         rules.append(f'iifname "air" udp sport 68 udp dport 67 @th,288,48 != {station} counter name "chaddr_mismatch" drop')
-    if knobs.ap_filter:
-        rules.append(f'iifname "air" ether saddr != {knobs.station_mac} counter name "from_unassociated" drop')
-        rules.append(f'oifname "air" meta pkttype != {{ broadcast, multicast }} '
-                     f'ether daddr != {knobs.station_mac} counter name "to_unassociated" drop')
+    # The same two rules for both kinds of AP, so each costs the same per frame: a 3-address AP accepts
+    # the associated station's MAC only, a 4-address (WDS) AP the MACs behind the station as well.
+    station_side = [knobs.station_mac] + ([] if knobs.ap_filter else [vm.mac for vm in VMS.values()])
+    rules.append('iifname "air" ether saddr != @station_side counter name "from_unassociated" drop')
+    rules.append('oifname "air" meta pkttype != { broadcast, multicast } '
+                 'ether daddr != @station_side counter name "to_unassociated" drop')
     body = "\n".join(f"    {r}" for r in rules)
     for net in knobs.networks():
         net.ap.run("nft", "-f", "-", input=f"""
@@ -586,6 +591,7 @@ table bridge {AP_TABLE} {{
   counter from_unassociated {{}}
   counter to_unassociated {{}}
   counter chaddr_mismatch {{}}
+  set station_side {{ type ether_addr; elements = {{ {", ".join(station_side)} }}; }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
 {body}
