@@ -18,7 +18,7 @@ from scapy.all import BOOTP, DHCP, IP, UDP, Ether, Raw
 from macnat import config, constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties.dhcp_policy import DhcpPolicy
 from macnat.manager.duties.network_change import Network
 from macnat.manager.state import State

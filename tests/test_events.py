@@ -9,7 +9,7 @@ from scapy.all import ARP, Ether
 
 from macnat import bpfsys, constants, maps, netns
 from macnat.harness import TC_ACT_SHOT, VM_PORT, Harness
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.maps import Event, ip_str, mac_str
 
 WIFI_MAC, VM_MAC, OWNER_MAC = "02:4d:4e:00:00:0a", "52:54:00:00:01:01", "52:54:00:00:01:02"

@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 
 from macnat import bpfsys, config, constants, netns
 from macnat.harness import Harness
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import all_duties, ageing, bindings_log, claims, lan_fdb, port_accounting, vm_fdb
 from macnat.manager.state import State
 from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes

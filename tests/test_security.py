@@ -19,7 +19,7 @@ from macnat import constants, maps, netns
 from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
 from macnat import config
 from macnat.frames import internet_checksum
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties.claims import Claims
 from macnat.manager.duties.lan_side import age_lan_addresses, pin_gateway, sync_onlink_prefixes
 from macnat.manager.duties.port_accounting import age_dhcp_requests, write_released_counts

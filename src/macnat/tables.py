@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from macnat import constants
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.maps import IPV4_MAPPED_PREFIX, Binding, Maps, Snapshot, mac_str
 
 COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")

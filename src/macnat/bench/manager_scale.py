@@ -20,7 +20,7 @@ from pathlib import Path
 
 from macnat import bpfsys, config, constants, lab
 from macnat.datapath import Datapath
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import ageing
 from macnat.manager.state import State
 from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes, u32

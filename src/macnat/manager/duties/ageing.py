@@ -16,7 +16,7 @@ import time
 from macnat import constants
 from macnat.logs import event
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.tables import binding_counts
 from macnat.manager.duties import Periodic
 from macnat.manager.probes import Prober

@@ -22,7 +22,7 @@ import time
 from macnat import constants, frames, plumbing
 from macnat.logs import event
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat.maps import DhcpRequest, mac_str, xid_key
 

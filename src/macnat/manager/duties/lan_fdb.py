@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from macnat import netlink
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat import constants
 from macnat.maps import LanMac, MacAddr, mac_bytes, mac_str

@@ -19,7 +19,7 @@ import time
 from macnat import constants, netlink, plumbing
 from macnat.logs import event
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Duty
 from macnat.maps import (IPV4_MAPPED_PREFIX, Binding, IpAddr, LanAddr, LanMac, MacAddr, OnlinkKey, OnlinkPrefix,
                          ip_key, ip_str, mac_bytes, mac_str)

@@ -17,7 +17,7 @@ import ctypes
 
 from macnat import constants
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat.maps import Binding, DhcpRequest, IPV4_MAPPED_PREFIX, PortCounts, VmMac, u32
 

@@ -13,7 +13,7 @@ import time
 
 from macnat import netlink
 from macnat.logs import event
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat.maps import ip_str, mac_str
 

@@ -6,7 +6,7 @@ import logging
 
 from macnat import constants
 from macnat.manager import events
-from macnat.manager.clock import monotonic_ns
+from macnat.clock import monotonic_ns
 from macnat.manager.duties import Duty
 from macnat.maps import Binding, MacAddr, ip_key, mac_bytes, mac_str
 

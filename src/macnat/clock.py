@@ -1,4 +1,4 @@
-"""The datapath's clock, as the manager reads it."""
+"""The datapath's clock, as the manager, `table` and the tests read it."""
 
 import time
 
