@@ -69,7 +69,7 @@ class Plan:
     def make(cls, quick: bool, rounds: int | None) -> Plan:
         if quick:
             return cls(True, rounds or 1, 1, 30, 10_000, 1, 3, 1, 1, 5, 1, 1)
-        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5, 60, 7, 3)
+        return cls(False, rounds or 10, 2, 200, 1_000_000, 5, 20, 5, 5, 60, 9, 3)
 
 
 def measure_setup(setup: setups.Setup, plan: Plan, workdir: Path) -> dict:
