@@ -42,9 +42,9 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICM
 from scapy.layers.l2 import LLC, SNAP, Dot3
 
 from macnat import bpfsys, constants, netns
-from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
-from macnat.frames import internet_checksum
 from macnat.clock import monotonic_ns
+from macnat.frames import internet_checksum
+from macnat.harness import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VM_PORT, Harness
 from macnat.manager.duties.lan_side import pin_gateway, sync_onlink_prefixes
 from macnat.maps import IPV4_MAPPED_PREFIX, DhcpRequest, LanMac, MacAddr, ip_key, mac_bytes, xid_key
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from macnat import bpfsys, config, constants, lab
-from macnat.datapath import Datapath
 from macnat.clock import monotonic_ns
+from macnat.datapath import Datapath
 from macnat.manager.duties import ageing
 from macnat.manager.state import State
 from macnat.maps import Binding, IpAddr, LanMac, MacAddr, VmMac, mac_bytes, u32
@@ -35,9 +35,16 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(path.read_text().split()[0]) for path in Path(f"/proc/{pid}/task").glob("*/schedstat")) / 1e9
 
 
+def resident_mb(pid: int) -> dict[str, float]:
+    """The process's resident memory in MB: all of it (VmRSS), and its parts: anonymous (the heap, the
+    stacks: what it allocated) and file-backed (the pages of its programs and libraries it has run)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(fields[field].split()[0]) / 1024
+            for name, field in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"))}
+
+
 def rss_mb(pid: int) -> float:
-    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+    return resident_mb(pid)["rss"]
 
 
 def fill(maps, bindings: int, full_mac_tables: bool) -> None:
@@ -81,10 +88,14 @@ def insert_until_full(table, items) -> None:
             return
 
 
-def timed(*args: str) -> float:
-    started = time.monotonic()
-    subprocess.run(lab.LAPTOP.ns.exec_argv(lab.MACNAT, *args), check=True, capture_output=True, timeout=120)
-    return time.monotonic() - started
+def timed(*args: str, runs: int = 3) -> float:
+    """Median wall time of a `macnat` command, start to finish, as a user at the shell waits for it."""
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        subprocess.run(lab.LAPTOP.ns.exec_argv(lab.MACNAT, *args), check=True, capture_output=True, timeout=120)
+        times.append(time.monotonic() - started)
+    return statistics.median(times)
 
 
 def sweep_seconds(datapath: Datapath, rounds: int = 3) -> float:

@@ -330,7 +330,8 @@ def render_manager(man: dict) -> list[str]:
         "",
         f"Each size held for {man['seconds']:g} s. Targets: CPU <= {bench.TARGET_MANAGER_CPU_FULL:g}% of one core "
         f"with every table full and <= {bench.TARGET_MANAGER_CPU_SMALL:g}% with {small} bindings; memory <= "
-        f"{bench.TARGET_RSS_MB:g} MB; `table --json` and `stats` under {bench.TARGET_COMMAND_S:g} s at full tables.",
+        f"{bench.TARGET_RSS_MB:g} MB; `table --json` and `stats` under {bench.TARGET_COMMAND_S:g} s at full tables "
+        "(each command's time is the median of 3 runs, start to finish).",
         "",
         "| bindings | manager CPU (% of a core) | RSS | one ageing sweep | `table --json` | `stats --json` |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",

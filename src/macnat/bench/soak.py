@@ -4,7 +4,8 @@ sizes over time, log lines per hour.
 
 Two phases with the same traffic, measured in one run:
 - baseline: plain bridging through a 4-address AP (what loss the lab itself has);
-- macnat: `macnat attach --age 20` (ageing and probing busy), new VMs arriving (DHCP) and leaving,
+- macnat: `macnat attach --age 20` (ageing and probing busy), new VMs arriving (DHCP) and leaving
+  (one every 30 s in a 30-minute soak, each with a new MAC),
   and, a third of the way, a Wi-Fi flap (wlan0 down 1 s, in the baseline too); two thirds of the
   way, the manager killed and started again (it adopts the datapath).
 
@@ -37,6 +38,7 @@ TCP = ["-b", "50M"]
 FLOWS = {"udp_up": (UDP, False, 5211), "udp_down": (UDP, True, 5212), "tcp_up": (TCP, False, 5213),
          "tcp_down": (TCP, True, 5214)}
 AGE = "20"
+ARRIVALS = 60           # new VMs over a soak: enough that a manager meets many in each of its lives
 
 
 class Load:
@@ -111,7 +113,9 @@ class Sampler:
             sizes = {name: getattr(datapath.maps, name).snapshot().count for name in ("bindings", "vm_macs", "lan_macs")}
         finally:
             datapath.close()
-        self.samples.append({"t": now - started, "pid": pid, "rss_mb": manager_scale.rss_mb(pid),
+        memory = manager_scale.resident_mb(pid)
+        self.samples.append({"t": now - started, "pid": pid, "rss_mb": memory["rss"], "anon_mb": memory["anon"],
+                             "file_mb": memory["file"],
                              "cpu_percent": cpu_percent, **sizes,
                              "log_lines": len(self.log.read_text().splitlines()) if self.log.exists() else 0})
 
@@ -159,7 +163,7 @@ def with_macnat(seconds: int, workdir: Path, say, sample_every: float) -> dict:
             if time.monotonic() >= next_vm and elapsed < seconds - 20:
                 serial += 1
                 arrivals.update(churn(serial, arrivals))
-                next_vm = time.monotonic() + max(10.0, seconds / 12)
+                next_vm = time.monotonic() + max(10.0, seconds / ARRIVALS)
             time.sleep(0.2)
         result = load.finish(windows)
         sampler.sample(manager.proc.pid, started)
@@ -206,18 +210,22 @@ WARM_UP_S = 120.0        # a manager's first minutes fill its caches and arenas:
 FLAT_MB_PER_HOUR = 1.0
 
 
-def memory_growth(samples: list[dict]) -> dict[int, float]:
-    """MB per hour that each manager's resident memory grew by, after its warm-up (a restarted manager is
-    another process, and starts over)."""
+def memory_growth(samples: list[dict], part: str = "rss_mb") -> dict[int, float]:
+    """MB per hour that each manager's resident memory (or `part` of it) grew by, after its warm-up (a
+    restarted manager is another process, and starts over)."""
     lives: dict[int, list[tuple[float, float]]] = {}
     for s in samples:
-        lives.setdefault(s["pid"], []).append((s["t"], s["rss_mb"]))
+        lives.setdefault(s["pid"], []).append((s["t"], s[part]))
     rates = {}
     for pid, points in lives.items():
         settled = [(t, mb) for t, mb in points if t - points[0][0] >= WARM_UP_S]
         if len(settled) >= 3:
             rates[pid] = statistics.linear_regression([t for t, _ in settled], [mb for _, mb in settled]).slope * 3600
     return rates
+
+
+def growth_text(rates: dict[int, float]) -> str:
+    return ", ".join(f"pid {pid} {rate:+.1f} MB/h" for pid, rate in rates.items()) or "none (no manager outlived its warm-up)"
 
 
 def loss_rate(row: dict) -> float:
@@ -265,9 +273,12 @@ def render(r: dict) -> str:
         "",
         f"- resident memory: {min(rss):.1f}-{max(rss):.1f} MB; its growth per hour, by the least-squares slope over "
         f"each manager's life after its first {WARM_UP_S:g} s: "
-        + ", ".join(f"pid {pid} {rate:+.1f} MB/h" for pid, rate in growth.items())
+        + growth_text(growth)
         + f" ({'flat: met' if abs(steepest) < FLAT_MB_PER_HOUR else '**growing: missed**'}, target under "
         f"{FLAT_MB_PER_HOUR:g} MB/h)",
+        "- of which anonymous (what it allocated): "
+        + growth_text(memory_growth(samples, "anon_mb"))
+        + "; file-backed (library pages it has run): " + growth_text(memory_growth(samples, "file_mb")),
         f"- CPU: median {statistics.median(cpu) if cpu else 0:.3f}%, max {max(cpu) if cpu else 0:.3f}% of one core",
         f"- tables: bindings {min(s['bindings'] for s in samples)}-{max(s['bindings'] for s in samples)}, VM MACs "
         f"{min(s['vm_macs'] for s in samples)}-{max(s['vm_macs'] for s in samples)}, LAN MACs "
@@ -275,12 +286,13 @@ def render(r: dict) -> str:
         "that exist, not by time)",
         f"- log: {lines} lines, {lines / hours:.0f} per hour",
         "",
-        "| t (s) | manager pid | RSS (MB) | CPU (%) | bindings | VM MACs | LAN MACs | log lines |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| t (s) | manager pid | RSS (MB) | anonymous / file (MB) | CPU (%) | bindings | VM MACs | LAN MACs | log lines |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in samples:
         cpu_cell = "" if s["cpu_percent"] is None else f"{s['cpu_percent']:.2f}"
-        out.append(f"| {s['t']:.0f} | {s['pid']} | {s['rss_mb']:.1f} | {cpu_cell} | {s['bindings']} | "
+        out.append(f"| {s['t']:.0f} | {s['pid']} | {s['rss_mb']:.1f} | {s['anon_mb']:.1f} / {s['file_mb']:.1f} | "
+                   f"{cpu_cell} | {s['bindings']} | "
                    f"{s['vm_macs']} | {s['lan_macs']} | {s['log_lines']} |")
     out += ["", f"Worst loss beyond the baseline: {worst:+.3%}.", ""]
     return "\n".join(out)

@@ -14,13 +14,13 @@ import logging
 import time
 
 from macnat import constants
+from macnat.clock import monotonic_ns
 from macnat.logs import event
 from macnat.manager import events
-from macnat.clock import monotonic_ns
-from macnat.tables import binding_counts
 from macnat.manager.duties import Periodic
 from macnat.manager.probes import Prober
 from macnat.maps import Binding, IpAddr, MacAddr, VmMac, ip_str, mac_str
+from macnat.tables import binding_counts
 
 log = logging.getLogger("macnat")
 PROBES = 3   # unicast probes an idle binding gets before it expires

@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass
 
 from macnat import constants
+from macnat.clock import monotonic_ns
 from macnat.logs import event
 from macnat.manager import events
-from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat.manager.probes import Prober
 from macnat.maps import ip_key, ip_str, mac_str

@@ -20,9 +20,9 @@ import socket
 import time
 
 from macnat import constants, frames, plumbing
+from macnat.clock import monotonic_ns
 from macnat.logs import event
 from macnat.manager import events
-from macnat.clock import monotonic_ns
 from macnat.manager.duties import Periodic
 from macnat.maps import DhcpRequest, mac_str, xid_key
 

@@ -11,10 +11,10 @@ tenth of `age`): an idle laptop's manager does not scan it every second.
 from __future__ import annotations
 
 from macnat import netlink
-from macnat.manager import events
-from macnat.clock import monotonic_ns
-from macnat.manager.duties import Periodic
 from macnat import constants
+from macnat.clock import monotonic_ns
+from macnat.manager import events
+from macnat.manager.duties import Periodic
 from macnat.maps import LanMac, MacAddr, mac_bytes, mac_str
 
 

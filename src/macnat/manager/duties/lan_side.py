@@ -17,9 +17,9 @@ import logging
 import time
 
 from macnat import constants, netlink, plumbing
+from macnat.clock import monotonic_ns
 from macnat.logs import event
 from macnat.manager import events
-from macnat.clock import monotonic_ns
 from macnat.manager.duties import Duty
 from macnat.maps import (IPV4_MAPPED_PREFIX, Binding, IpAddr, LanAddr, LanMac, MacAddr, OnlinkKey, OnlinkPrefix,
                          ip_key, ip_str, mac_bytes, mac_str)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import ctypes
 
 from macnat import constants
-from macnat.manager import events
 from macnat.clock import monotonic_ns
+from macnat.manager import events
 from macnat.manager.duties import Periodic
 from macnat.maps import Binding, DhcpRequest, IPV4_MAPPED_PREFIX, PortCounts, VmMac, u32
 

@@ -12,8 +12,8 @@ import logging
 import time
 
 from macnat import netlink
-from macnat.logs import event
 from macnat.clock import monotonic_ns
+from macnat.logs import event
 from macnat.manager.duties import Periodic
 from macnat.maps import ip_str, mac_str
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from macnat import constants
-from macnat.manager import events
 from macnat.clock import monotonic_ns
+from macnat.manager import events
 from macnat.manager.duties import Duty
 from macnat.maps import Binding, MacAddr, ip_key, mac_bytes, mac_str
 
