@@ -41,11 +41,12 @@ FLOWS = (("tcp_up", "tcp", False), ("tcp_down", "tcp", True), ("udp_up", "udp", 
 
 
 def _idle_state_times() -> dict[int, list[Path]]:
-    """Each CPU's cpuidle residency counters (microseconds in each idle state), by CPU number."""
+    """Each CPU's cpuidle residency counters (microseconds in each idle state), by CPU number; none if
+    this process may not run on every one of those CPUs (a cpuset), since each is read from its CPU."""
     times: dict[int, list[Path]] = {}
     for path in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpuidle/state[0-9]*/time")):
         times.setdefault(int(path.parts[5][3:]), []).append(path)
-    return times
+    return times if set(times) <= os.sched_getaffinity(0) else {}
 
 
 IDLE_STATE_TIMES = _idle_state_times()
