@@ -352,12 +352,13 @@ def add_vm(name: str, mac: str, port: str | None = None) -> Host:
     port = port or next(f"tap{n}" for n in range(103, 1000) if f"tap{n}" not in VM_PORTS.values())
     vm = Host(Namespace(PREFIX + name), "eth0", mac, None)
     Namespace.create(vm.ns.name)
-    if not (knobs() or Knobs()).ipv6:
+    lab_knobs = current_knobs()
+    if not lab_knobs.ipv6:
         vm.ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
     VMS[name] = vm
     plug_vm(name, port)
-    if not current_knobs().ap_filter:
-        set_ap(current_knobs())   # a 4-address AP accepts the new VM's MAC too
+    if not lab_knobs.ap_filter:
+        set_ap(lab_knobs)   # a 4-address AP accepts the new VM's MAC too
     return vm
 
 

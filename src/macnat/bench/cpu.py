@@ -8,9 +8,9 @@ run on this one kernel, so the difference between setups is their forwarding pat
 and receiver share one CPU (iperf3 -A), and with them the softirqs that carry each frame the whole
 way: veth hands a frame on in the CPU that sent it. Waking a receiver on the other CPU is an
 inter-processor interrupt, which a virtual machine pays for with an exit to its hypervisor, at a
-cost that depends on how long that CPU had slept (in perf, the receiver's wake-up was 3.6% of one UDP
-transfer's samples and 8.0% of the next). Paired, interleaved rounds; the ratio is per round to (a),
-plain bridging.
+cost that depends on how long that CPU had slept (in perf, one UDP LAN -> VM transfer spent 3.6% of
+its samples on that wake-up under plain bridging, and the next, under macnat, 8.0%). Paired,
+interleaved rounds; the ratio is per round to (a), plain bridging.
 
 Busy time is wall time minus the time cpuidle measured each CPU in its idle states (microseconds),
 read on each CPU in turn: cpuidle adds an idle period to the count only when the CPU wakes from it.
@@ -56,22 +56,23 @@ CLOCK = "cpuidle" if IDLE_STATE_TIMES else "/proc/stat"
 def busy_seconds() -> float:
     """CPU time spent not idle, summed over the CPUs, since some fixed instant (only differences count)."""
     if IDLE_STATE_TIMES:
-        return sum(_busy_on(cpu, paths) for cpu, paths in IDLE_STATE_TIMES.items())
+        allowed = os.sched_getaffinity(0)
+        try:
+            return sum(_busy_on(cpu, paths) for cpu, paths in IDLE_STATE_TIMES.items())
+        finally:
+            os.sched_setaffinity(0, allowed)
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     user, nice, system, idle, iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / TICKS
 
 
 def _busy_on(cpu: int, state_times: list[Path]) -> float:
-    """One CPU's busy time, read on that CPU. cpuidle adds an idle period to its state's time only when
-    the CPU leaves it, so read from elsewhere a CPU idle for the past second looks busy for that second
-    (and the second comes back at its next wake-up). Running there, this thread is what keeps it awake."""
-    allowed = os.sched_getaffinity(0)
+    """One CPU's busy time, read on that CPU (this thread moves there; the caller moves it back).
+    cpuidle adds an idle period to its state's time only when the CPU leaves it, so read from elsewhere
+    a CPU idle for the past second looks busy for that second (and the second comes back at its next
+    wake-up). Running there, this thread is what keeps it awake."""
     os.sched_setaffinity(0, {cpu})
-    try:
-        return time.monotonic() - sum(int(path.read_text()) for path in state_times) / 1e6
-    finally:
-        os.sched_setaffinity(0, allowed)
+    return time.monotonic() - sum(int(path.read_text()) for path in state_times) / 1e6
 
 
 def transfer(kind: str, reverse: bool, seconds: int) -> tuple[float, float]:
